@@ -1,0 +1,1 @@
+"""Inference: request preparation (host) and the jitted encode / prefill / decode programs (device)."""

@@ -1,0 +1,128 @@
+"""`NVILAModel`: config + parameters + tokenizer, with `score` and `generate` on prompts with media."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nvila_jax.config import NVILAConfig
+from nvila_jax.inference.request import Request, VideoLike, prepare_request
+from nvila_jax.media.image import ImageLike
+from nvila_jax.models.nvila import NVILA
+from nvila_jax.models.qwen2 import KVCache
+from nvila_jax.text.tokenizer import NVILATokenizer
+
+
+class NVILAModel:
+    """A ready-to-run NVILA. Parameters stay a plain pytree (`self.params`), passed to jitted programs."""
+
+    def __init__(self, config: NVILAConfig, params: Any, tokenizer: NVILATokenizer, dtype: Any = jnp.float32):
+        for name, tid in (("image", config.image_token_id), ("video", config.video_token_id)):
+            have = getattr(tokenizer, f"{name}_token_id")
+            if tid != have:
+                raise ValueError(f"config {name}_token_id={tid} but the tokenizer's <{name}> token is {have}")
+        if len(tokenizer) > config.llm.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM only {config.llm.vocab_size} rows")
+        self.config = config
+        self.params = nn.meta.unbox(params)
+        self.tokenizer = tokenizer
+        self.module = NVILA(config, dtype=dtype)
+
+    # ------------------------------------------------------------------ device programs (cached per shape)
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def _tile_tokens(self, params, pixels):
+        return self.module.apply({"params": params}, pixels, method=NVILA.tile_tokens)
+
+    @functools.partial(jax.jit, static_argnums=(0, 3))
+    def _s2_tokens(self, params, pixels, grid):
+        return self.module.apply({"params": params}, pixels, grid, method=NVILA.s2_image_tokens)
+
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def _video_tokens(self, params, frames):
+        return self.module.apply({"params": params}, frames, method=NVILA.video_tokens)
+
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def _all_logits(self, params, ids, visual_index, visual, positions, segments):
+        def run(m):
+            hidden, _ = m(ids, visual_index, visual, positions, segments)
+            return m.logits(hidden)
+
+        return nn.apply(run, self.module)({"params": params})
+
+    @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(6,))
+    def _step(self, params, ids, visual_index, visual, positions, cache):
+        """Runs tokens through the cache; returns the last position's logits and the new cache."""
+
+        def run(m):
+            hidden, new_cache = m(ids, visual_index, visual, positions, jnp.ones_like(ids), cache)
+            return m.logits(hidden[:, -1]), new_cache
+
+        return nn.apply(run, self.module)({"params": params})
+
+    def visual_tokens(self, request: Request) -> jax.Array:
+        """All visual tokens of a request in sequence order: [M, D]."""
+        img_id = self.config.image_token_id
+        out = []
+        for tid, idx in request.fused.media_order:
+            if tid == img_id:
+                tiles = request.images[idx]
+                if tiles.grid is not None:
+                    out.append(self._s2_tokens(self.params, tiles.pixels, tuple(tiles.grid)))
+                else:
+                    out.append(self._tile_tokens(self.params, tiles.pixels).reshape(-1, self.config.llm.hidden_size))
+            else:
+                out.append(self._video_tokens(self.params, request.video))
+        if not out:
+            return jnp.zeros((0, self.config.llm.hidden_size), jnp.float32)
+        return jnp.concatenate(out)
+
+    # ------------------------------------------------------------------ public API
+    def prepare(self, prompt: str, images: Sequence[ImageLike] = (), video: VideoLike | None = None,
+                num_frames: int | None = None) -> Request:
+        return prepare_request(self.config, self.tokenizer, prompt, images, video, num_frames)
+
+    def score(self, prompt: str, images: Sequence[ImageLike] = (), video: VideoLike | None = None,
+              num_frames: int | None = None) -> np.ndarray:
+        """float32 logits [L, vocab] of the whole fused sequence (same prompt construction as `generate`)."""
+        req = self.prepare(prompt, images, video, num_frames)
+        ids = jnp.asarray(req.fused.input_ids)[None]
+        vi = jnp.asarray(req.fused.visual_index)[None]
+        pos = jnp.arange(req.length, dtype=jnp.int32)[None]
+        logits = self._all_logits(self.params, ids, vi, self.visual_tokens(req), pos, jnp.ones_like(ids))
+        return np.asarray(logits[0])
+
+    def generate(self, prompt: str, images: Sequence[ImageLike] = (), video: VideoLike | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 num_frames: int | None = None) -> str:
+        """The decoded answer (greedy when temperature == 0), stopping at the checkpoint's stop tokens."""
+        ids = self.generate_ids(prompt, images, video, max_new_tokens, num_frames)
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def generate_ids(self, prompt: str, images: Sequence[ImageLike] = (), video: VideoLike | None = None,
+                     max_new_tokens: int = 64, num_frames: int | None = None) -> list[int]:
+        """Greedy token ids of the answer, without the stop token."""
+        req = self.prepare(prompt, images, video, num_frames)
+        n = req.length
+        cache = KVCache.init(self.config.llm, 1, n + max_new_tokens, jnp.float32)
+        ids = jnp.asarray(req.fused.input_ids)[None]
+        vi = jnp.asarray(req.fused.visual_index)[None]
+        logits, cache = self._step(self.params, ids, vi, self.visual_tokens(req),
+                                   jnp.arange(n, dtype=jnp.int32)[None], cache)
+        stops = set(self.tokenizer.stop_token_ids)
+        empty = jnp.zeros((0, self.config.llm.hidden_size), jnp.float32)
+        out: list[int] = []
+        for step in range(max_new_tokens):
+            token = int(jnp.argmax(logits[0]))
+            if token in stops:
+                break
+            out.append(token)
+            if step + 1 == max_new_tokens:
+                break
+            logits, cache = self._step(self.params, jnp.full((1, 1), token, jnp.int32), jnp.full((1, 1), -1),
+                                       empty, jnp.full((1, 1), n + step, jnp.int32), cache)
+        return out

@@ -1,0 +1,156 @@
+"""Qwen2 / Qwen2.5 decoder: GQA attention with q/k/v biases, RoPE, RMSNorm, SwiGLU MLP, and an explicit
+KV cache pytree that is passed in and returned (never stored in the module).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nvila_jax.config import Qwen2Config
+from nvila_jax.models.layers import KERNEL_INIT, AttentionMask, Dtype, RMSNorm, dense, dot_product_attention, stack_layers
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of every layer for `max_length` slots, shared slot index for the batch.
+
+    k, v: [layers, batch, max_length, kv_heads, head_dim]; segment_ids: [batch, max_length], 0 where a slot
+    is empty or padding; index: the next slot to write (rows are left-padded so they share it).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, config: Qwen2Config, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, max_length), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """1 / theta^(2i/d) in float32, computed the way HF does (float32 exponent, float32 power)."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding with the rotate-half layout. x [B, T, H, Dh], positions [B, T]."""
+    inv = jnp.asarray(rope_inverse_frequencies(x.shape[-1], theta))
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Qwen2DecoderLayer(nn.Module):
+    config: Qwen2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    dot_general_cls: Any = None
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, mask: AttentionMask, cache_index):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        big = dict(kw, dot_general_cls=self.dot_general_cls)
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
+        q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **big)(h)
+        k = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k_proj", **big)(h)
+        v = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **big)(h)
+        q = nn.with_logical_constraint(apply_rope(q, positions, c.rope_theta), ("batch", "length", "q_heads", "head_dim"))
+        k = apply_rope(k, positions, c.rope_theta)
+        if layer_cache is not None:
+            k_all, v_all = layer_cache
+            k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, cache_index, 0, 0))
+            layer_cache = (k, v)
+        k = nn.with_logical_constraint(k, ("batch", "kv_length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "kv_length", "kv_heads", "head_dim"))
+        attn = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim**-0.5)
+        o = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj", **big)
+        x = x + o(attn)
+        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        gate = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj", **big)(h)
+        up = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **big)(h)
+        act = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        x = x + dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **big)(act)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), layer_cache
+
+
+class Qwen2LM(nn.Module):
+    """Embedding, decoder stack, final norm and LM head (tied to the embedding when the config says so)."""
+
+    config: Qwen2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: str = "none"
+    dot_general_cls: Any = None
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(KERNEL_INIT, ("vocab", "embed")),
+        )
+        # Per-layer inputs: the layer's (k, v) cache slice is scanned; the rest is broadcast.
+        stack = stack_layers(Qwen2DecoderLayer, c.num_hidden_layers, self.remat,
+                             (0, nn.broadcast, nn.broadcast, nn.broadcast))
+        self.layers = stack(c, self.dtype, self.param_dtype, self.dot_general_cls)
+        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(ids)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits of hidden states [..., D] -> [..., vocab]."""
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states [B, T, D] (after the norm) and the updated cache.
+
+        Without a cache the T tokens attend causally within their segment (packed rows work). With a cache the
+        tokens are written at slots [cache.index, cache.index + T) and attend to every earlier valid slot.
+        """
+        b, t = segment_ids.shape
+        x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
+        q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cache is None:
+            mask = AttentionMask(segment_ids, segment_ids, q_slot, q_slot)
+            x, _ = self.layers(x, None, positions, mask, 0)
+            return self.norm(x), None
+        seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+        kv_slot = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), seg.shape)
+        mask = AttentionMask(segment_ids, seg, q_slot + cache.index, kv_slot)
+        x, (k, v) = self.layers(x, (cache.k, cache.v), positions, mask, cache.index)
+        return self.norm(x), KVCache(k=k, v=v, segment_ids=seg, index=cache.index + t)

@@ -1,0 +1,5 @@
+import sys
+
+from nvila_jax.cli import main
+
+sys.exit(main())

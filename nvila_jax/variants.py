@@ -32,16 +32,17 @@ QWEN25_0P5B = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=
 
 def _nvila(llm: Qwen2Config, name: str, **kw) -> NVILAConfig:
     """Dynamic-S2 (448/896/dynamic 9-12 tiles) + 2x2 STC projector."""
-    ids = dict(image_token_id=llm.vocab_size - 2, video_token_id=llm.vocab_size - 1)
-    return NVILAConfig(
+    fields = dict(
         vision=SIGLIP_SO400M_448,
         llm=llm,
         projector=ProjectorConfig("mlp_downsample", 3 * SIGLIP_SO400M_448.hidden_size, llm.hidden_size),
         tiling="dynamic_s2",
         s2_scales=(448, 896, 1344),
+        image_token_id=llm.vocab_size - 2,
+        video_token_id=llm.vocab_size - 1,
         name=name,
-        **{**ids, **kw},
     )
+    return NVILAConfig(**{**fields, **kw})
 
 
 def _nvila_lite(llm: Qwen2Config, name: str) -> NVILAConfig:

@@ -1,0 +1,146 @@
+"""SigLIP and Qwen2 against HF transformers (fp32, tiny random weights), and the KV cache / packing rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2ForCausalLM, SiglipVisionModel
+
+from checkpoints_convert.key_table import state_dicts_to_params
+from helpers.torch_nvila import hf_llm_config, hf_vision_config, randomize_
+from nvila_jax.config import Qwen2Config, SiglipConfig
+from nvila_jax.models.qwen2 import KVCache, Qwen2LM
+from nvila_jax.models.siglip import SiglipVisionTower
+from nvila_jax.variants import tiny
+
+
+def _vision_cfg(select_layer: int, **vision):
+    """A one-scale config around a SigLIP variant (the projector only has to accept its width)."""
+    base = tiny()
+    v = dataclasses.replace(base.vision, **vision)
+    proj = dataclasses.replace(base.projector, mm_hidden_size=v.hidden_size)
+    return dataclasses.replace(base, vision=v, projector=proj, tiling="resize", s2_scales=(v.image_size,),
+                               select_layer=select_layer)
+
+
+@pytest.mark.parametrize(
+    "select_layer, vision",
+    [(-2, {}), (-1, {}), (-3, {}), (1, {}), (-2, dict(hidden_size=48, num_attention_heads=3, image_size=28, patch_size=14))],
+)
+def test_siglip_hidden_state_matches_hf(select_layer, vision):
+    cfg = _vision_cfg(select_layer, **vision)
+    hf = SiglipVisionModel(hf_vision_config(cfg)).eval()
+    randomize_(hf, seed=3)
+    sd = {"vision_model." + k: v.numpy() for k, v in hf.state_dict().items()}
+    params, unused = state_dicts_to_params(cfg, {"vision_tower": sd})
+    n_used = cfg.num_vision_layers_used
+    assert len(unused["vision_tower"]) == 2 + 16 * (cfg.vision.num_hidden_layers - n_used)  # post-LN + skipped layers
+    s = cfg.vision.image_size
+    pixels = np.random.RandomState(0).uniform(-1, 1, (3, s, s, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = hf(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
+        want = want.hidden_states[select_layer].numpy()
+    got = SiglipVisionTower(cfg.vision, n_used).apply({"params": params["vision_tower"]}, jnp.asarray(pixels))
+    g = cfg.vision.grid_size
+    np.testing.assert_allclose(np.asarray(got).reshape(3, g * g, -1), want, atol=1e-5, rtol=0)
+    assert np.abs(want).max() > 0.5  # the comparison is not between near-zero tensors
+
+
+def _llm(cfg: Qwen2Config, seed=5):
+    full = dataclasses.replace(tiny(), llm=cfg, projector=dataclasses.replace(tiny().projector, hidden_size=cfg.hidden_size))
+    hf = Qwen2ForCausalLM(hf_llm_config(full)).eval()
+    randomize_(hf, seed=seed)
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    params, _ = state_dicts_to_params(full, {"llm": sd})
+    return hf, params["llm"]
+
+
+LLM_CASES = {
+    "gqa-untied": Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6),
+    "mqa-tied": Qwen2Config(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                            num_attention_heads=6, num_key_value_heads=1, head_dim=8, rope_theta=10000.0,
+                            tie_word_embeddings=True),
+    "mha-wide-head": Qwen2Config(vocab_size=200, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, head_dim=64, rope_theta=5e5),
+}
+
+
+@pytest.mark.parametrize("name", list(LLM_CASES))
+def test_qwen2_logits_match_hf_on_a_long_prompt(name):
+    cfg = LLM_CASES[name]
+    hf, params = _llm(cfg)
+    ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 517))
+    with torch.no_grad():
+        want = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    emb = Qwen2LM(cfg).apply({"params": params}, jnp.asarray(ids), method=Qwen2LM.embed)
+    got, _ = jax.jit(lambda p: _apply(cfg, p, emb, pos, jnp.ones(ids.shape, jnp.int32)))(params)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+    assert np.abs(want).max() > 1.0
+
+
+def _apply(cfg, params, embeds, positions, segments, cache=None):
+    def run(mod):
+        h, c = mod(embeds, positions, segments, cache)
+        return mod.logits(h), c
+
+    return Qwen2LM(cfg).apply({"params": params}, method=run)
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward():
+    cfg = LLM_CASES["gqa-untied"]
+    _, params = _llm(cfg)
+    ids = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (1, 40)))
+    emb = Qwen2LM(cfg).apply({"params": params}, ids, method=Qwen2LM.embed)
+    pos = jnp.arange(40)[None]
+    full, _ = _apply(cfg, params, emb, pos, jnp.ones((1, 40), jnp.int32))
+    cache = KVCache.init(cfg, 1, 64)
+    first, cache = _apply(cfg, params, emb[:, :30], pos[:, :30], jnp.ones((1, 30), jnp.int32), cache)
+    steps = [first]
+    for t in range(30, 40):
+        out, cache = _apply(cfg, params, emb[:, t:t + 1], pos[:, t:t + 1], jnp.ones((1, 1), jnp.int32), cache)
+        steps.append(out)
+    np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), np.asarray(full), atol=2e-5)
+    assert int(cache.index) == 40
+
+
+def test_left_padded_rows_in_a_cache_equal_unpadded_rows():
+    cfg = LLM_CASES["mqa-tied"]
+    _, params = _llm(cfg)
+    rs = np.random.RandomState(3)
+    short, long = rs.randint(0, cfg.vocab_size, 7), rs.randint(0, cfg.vocab_size, 12)
+    ids = np.zeros((2, 12), np.int32)
+    ids[0, 5:], ids[1] = short, long
+    seg = np.ones((2, 12), np.int32)
+    seg[0, :5] = 0
+    pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0)
+    emb = Qwen2LM(cfg).apply({"params": params}, jnp.asarray(ids), method=Qwen2LM.embed)
+    got, _ = _apply(cfg, params, emb, jnp.asarray(pos), jnp.asarray(seg), KVCache.init(cfg, 2, 16))
+    for row, seq in ((0, short), (1, long)):
+        e = Qwen2LM(cfg).apply({"params": params}, jnp.asarray(seq)[None], method=Qwen2LM.embed)
+        want, _ = _apply(cfg, params, e, jnp.arange(len(seq))[None], jnp.ones((1, len(seq)), jnp.int32))
+        np.testing.assert_allclose(np.asarray(got)[row, -len(seq):], np.asarray(want)[0], atol=2e-5)
+
+
+def test_packed_segments_do_not_attend_across_samples():
+    cfg = LLM_CASES["gqa-untied"]
+    _, params = _llm(cfg)
+    rs = np.random.RandomState(4)
+    a, b = rs.randint(0, cfg.vocab_size, 9), rs.randint(0, cfg.vocab_size, 6)
+    ids = np.concatenate([a, b, [0, 0]])[None]
+    seg = np.array([[1] * 9 + [2] * 6 + [0, 0]])
+    pos = np.array([list(range(9)) + list(range(6)) + [0, 0]])
+    emb = Qwen2LM(cfg).apply({"params": params}, jnp.asarray(ids), method=Qwen2LM.embed)
+    packed, _ = _apply(cfg, params, emb, jnp.asarray(pos), jnp.asarray(seg))
+    for seq, sl in ((a, slice(0, 9)), (b, slice(9, 15))):
+        e = Qwen2LM(cfg).apply({"params": params}, jnp.asarray(seq)[None], method=Qwen2LM.embed)
+        want, _ = _apply(cfg, params, e, jnp.arange(len(seq))[None], jnp.ones((1, len(seq)), jnp.int32))
+        np.testing.assert_allclose(np.asarray(packed)[0, sl], np.asarray(want)[0], atol=2e-5)

@@ -144,3 +144,21 @@ def test_packed_segments_do_not_attend_across_samples():
         e = Qwen2LM(cfg).apply({"params": params}, jnp.asarray(seq)[None], method=Qwen2LM.embed)
         want, _ = _apply(cfg, params, e, jnp.arange(len(seq))[None], jnp.ones((1, len(seq)), jnp.int32))
         np.testing.assert_allclose(np.asarray(packed)[0, sl], np.asarray(want)[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny-lite", "NVILA-8B", "NVILA-Lite-2B"])
+def test_every_parameter_carries_logical_axis_names(variant):
+    """Sharding rules address parameters by these names; shapes come from eval_shape (nothing allocated)."""
+    import flax.linen as nn
+
+    from nvila_jax.models.nvila import init_params
+    from nvila_jax.variants import get_variant
+
+    boxed = jax.eval_shape(lambda: init_params(get_variant(variant), jax.random.key(0)))
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for box in leaves:
+        assert len(box.names) == box.value.ndim
+    stacked = [b for b in leaves if b.names[0] == "layers"]
+    assert stacked and all(b.value.shape[0] in (get_variant(variant).llm.num_hidden_layers,
+                                                get_variant(variant).num_vision_layers_used) for b in stacked)

@@ -57,12 +57,25 @@ def load_image(image: ImageLike) -> PIL.Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def normalize(img: PIL.Image.Image, size: int) -> np.ndarray:
-    """SigLIP processor: bicubic resize to size x size (no-op when already that size), x/255, (x - 0.5) / 0.5."""
+def tile_pixels(img: PIL.Image.Image, size: int) -> np.ndarray:
+    """The SigLIP processor's resize: bicubic to size x size (no-op when already that size), uint8 [size, size, 3].
+
+    Training ships these uint8 tiles to the device (4x fewer bytes) and normalises them there with
+    `normalize_pixels` applied to all 256 values, which gives exactly the same floats."""
     if img.size != (size, size):
         img = img.resize((size, size), PIL.Image.BICUBIC)
-    x = (np.asarray(img, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize_pixels(x: np.ndarray) -> np.ndarray:
+    """SigLIP processor's rescale + normalise of uint8 pixels: x/255 (in float64, stored float32), (x - 0.5) / 0.5."""
+    x = (np.asarray(x, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
     return (x - np.float32(0.5)) / np.float32(0.5)
+
+
+def normalize(img: PIL.Image.Image, size: int) -> np.ndarray:
+    """SigLIP processor: bicubic resize to size x size (no-op when already that size), x/255, (x - 0.5) / 0.5."""
+    return normalize_pixels(tile_pixels(img, size))
 
 
 def grid_tiles(img: PIL.Image.Image, rows: int, cols: int, size: int) -> list[PIL.Image.Image]:
@@ -73,24 +86,38 @@ def grid_tiles(img: PIL.Image.Image, rows: int, cols: int, size: int) -> list[PI
     ]
 
 
-def dynamic_s2_tiles(img: PIL.Image.Image, scales: Sequence[int], max_tiles: int) -> ImageTiles:
-    """Tiles of every scale: k x k squares for all but the last scale, then the aspect-preserving grid."""
+def dynamic_s2_tile_images(
+    img: PIL.Image.Image, scales: Sequence[int], max_tiles: int
+) -> tuple[list[PIL.Image.Image], tuple[int, int]]:
+    """Tiles of every scale: k x k squares for all but the last scale, then the aspect-preserving grid
+    (returned as (rows, cols))."""
     size = scales[0]
     tiles = []
     for s in scales[:-1]:
         tiles += grid_tiles(img, s // size, s // size, size)
     rows, cols = dynamic_s2_grid(img.width, img.height, scales, max_tiles)
     tiles += grid_tiles(img, rows, cols, size)
-    return ImageTiles(np.stack([normalize(t, size) for t in tiles]), (rows, cols))
+    return tiles, (rows, cols)
 
 
-def dynamic_tiles(img: PIL.Image.Image, size: int, min_tiles: int, max_tiles: int) -> list[np.ndarray]:
+def dynamic_s2_tiles(img: PIL.Image.Image, scales: Sequence[int], max_tiles: int) -> ImageTiles:
+    """`dynamic_s2_tile_images`, normalised."""
+    tiles, grid = dynamic_s2_tile_images(img, scales, max_tiles)
+    return ImageTiles(np.stack([normalize(t, scales[0]) for t in tiles]), grid)
+
+
+def dynamic_tile_images(img: PIL.Image.Image, size: int, min_tiles: int, max_tiles: int) -> list[PIL.Image.Image]:
     """NVILA-Lite tiling: the grid's tiles, plus a whole-image thumbnail when there is more than one tile."""
     rows, cols = dynamic_grid(img.width, img.height, size, min_tiles, max_tiles)
     tiles = grid_tiles(img, rows, cols, size)
     if len(tiles) > 1:
         tiles.append(img.resize((size, size), PIL.Image.BICUBIC))
-    return [normalize(t, size) for t in tiles]
+    return tiles
+
+
+def dynamic_tiles(img: PIL.Image.Image, size: int, min_tiles: int, max_tiles: int) -> list[np.ndarray]:
+    """`dynamic_tile_images`, normalised."""
+    return [normalize(t, size) for t in dynamic_tile_images(img, size, min_tiles, max_tiles)]
 
 
 def preprocess_images(images: Sequence[ImageLike], config: NVILAConfig) -> list[ImageTiles]:

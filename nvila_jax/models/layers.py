@@ -22,6 +22,19 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+class _DenseAxes(nn.LogicallyPartitioned):
+    """flax's logical box for DenseGeneral kernels and biases. DenseGeneral initialises them flattened to 2-D
+    and unboxes once before reshaping; with a mesh active, flax would then constrain the flat array with the
+    N-d names (a rank error), so the constraint applies only once the value has its real rank."""
+
+    def unbox(self, apply_constraint: bool = True) -> Any:
+        return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
+def _dense_axes(init: Callable, axes: tuple[str | None, ...]) -> Callable:
+    return lambda *args, **kwargs: _DenseAxes(init(*args, **kwargs), axes)
+
+
 def dense(
     features: int | Sequence[int],
     axes: tuple[str | None, ...],
@@ -41,8 +54,8 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(KERNEL_INIT, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-n_out:]),
+        kernel_init=_dense_axes(KERNEL_INIT, axes),
+        bias_init=_dense_axes(nn.initializers.zeros_init(), axes[-n_out:]),
         dot_general_cls=dot_general_cls,
         name=name,
     )

@@ -66,16 +66,20 @@ class Projector(nn.Module):
         layout = projector_layout(self.config)
         if not layout or layout[0].kind != "stc":
             x = x.reshape(x.shape[0], -1, x.shape[-1])
+        # Logical name of x's feature axis: dense layers alternate embed -> mlp -> embed (column- then
+        # row-parallel), so no kernel names one logical axis twice (sharding rules need distinct names).
+        axis = "embed"
         for i, spec in enumerate(layout):
             name = layer_name(self.config, i)
             if spec.kind == "stc":
                 x = space_to_channel(x, spec.size, impl=self.stc_impl)
                 x = x.reshape(x.shape[0], -1, x.shape[-1])
             elif spec.kind == "ln":
-                x = layer_norm(PROJECTOR_LN_EPS, "mlp", name=name, **kw)(x)
+                x = layer_norm(PROJECTOR_LN_EPS, axis, name=name, **kw)(x)
             elif spec.kind == "dense":
-                out_axis = "embed" if i == len(layout) - 1 else "mlp"  # hidden widths shard like MLP hiddens
-                x = dense(spec.size, ("mlp", out_axis), name=name, **kw)(x)
+                out_axis = "mlp" if axis == "embed" else "embed"
+                x = dense(spec.size, (axis, out_axis), name=name, **kw)(x)
+                axis = out_axis
             else:
                 x = jax.nn.gelu(x, approximate=False)
             x = nn.with_logical_constraint(x, ("tiles", "length", None))

@@ -19,9 +19,17 @@ from nvila_jax.text.tokenizer import NVILATokenizer
 
 
 class NVILAModel:
-    """A ready-to-run NVILA. Parameters stay a plain pytree (`self.params`), passed to jitted programs."""
+    """A ready-to-run NVILA. Parameters stay a plain pytree (`self.params`), passed to jitted programs.
 
-    def __init__(self, config: NVILAConfig, params: Any, tokenizer: NVILATokenizer, dtype: Any = jnp.float32):
+    `suppressed_token_ids` (stored as a sorted tuple) are vocabulary ids that must never be generated: rows
+    that the checkpoint never trained (embedding tables padded to the tokenizer's length by the converter) and
+    rows without a token. `nvila_jax.load_pretrained` passes the converted checkpoint's list (its
+    generation_config.json `suppress_tokens`); sampling is to mask their logits, `score` returns raw logits for
+    every id.
+    """
+
+    def __init__(self, config: NVILAConfig, params: Any, tokenizer: NVILATokenizer, dtype: Any = jnp.float32,
+                 suppressed_token_ids: Sequence[int] = ()):
         for name, tid in (("image", config.image_token_id), ("video", config.video_token_id)):
             have = getattr(tokenizer, f"{name}_token_id")
             if tid != have:
@@ -32,6 +40,10 @@ class NVILAModel:
         self.params = nn.meta.unbox(params)
         self.tokenizer = tokenizer
         self.module = NVILA(config, dtype=dtype)
+        self.suppressed_token_ids = tuple(sorted({int(i) for i in suppressed_token_ids}))
+        bad = [i for i in self.suppressed_token_ids if not 0 <= i < config.llm.vocab_size]
+        if bad:
+            raise ValueError(f"suppressed_token_ids {bad} are outside the vocabulary of {config.llm.vocab_size}")
 
     # ------------------------------------------------------------------ device programs (cached per shape)
     @functools.partial(jax.jit, static_argnums=(0,))

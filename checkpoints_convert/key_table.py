@@ -5,6 +5,12 @@ Official checkpoints keep three standalone HF directories (NVILA_REFERENCE.md §
 pattern of one component to a parameter path and a transform; per-layer keys go to one slice of a stacked
 (scanned) parameter. Vision layers past the selected one and the post-LayerNorm are not parameters of the
 model (never computed): they map to UNUSED and are carried beside the parameters so export is lossless.
+A tied LM head (`tie_word_embeddings`) has no parameter either; a checkpoint that still stores
+`lm_head.weight` gets it carried the same way (an optional rule).
+
+The `*-hf` repos keep all three components in one directory, their keys prefixed with the component name
+(`llm.model.norm.weight`, `vision_tower.vision_model.*`, `mm_projector.layers.*`): `split_hf_layout_key` /
+`hf_layout_key` translate, after which the same rules apply.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class KeyRule:
     pattern: str
     path: tuple[str, ...]
     transform: str = "identity"
+    optional: bool = False  # may be absent from a checkpoint (only UNUSED rules)
 
     def match(self, component: str, key: str) -> re.Match | None:
         return re.fullmatch(self.pattern, key) if component == self.component else None
@@ -55,6 +62,8 @@ def _llm_rules(cfg: NVILAConfig) -> list[KeyRule]:
     rules.append(KeyRule("llm", r"model\.norm\.weight", ("llm", "norm", "scale")))
     if not cfg.llm.tie_word_embeddings:
         rules.append(KeyRule("llm", r"lm_head\.weight", ("llm", "lm_head", "kernel"), "transpose"))
+    else:
+        rules.append(KeyRule("llm", r"lm_head\.weight", UNUSED, optional=True))
     return rules
 
 
@@ -120,9 +129,12 @@ def layer_count(cfg: NVILAConfig, rule: KeyRule) -> int:
     return cfg.llm.num_hidden_layers if rule.component == "llm" else cfg.vision.num_hidden_layers
 
 
-def official_keys(cfg: NVILAConfig) -> Iterator[tuple[str, str]]:
-    """(component, key) of every tensor an official checkpoint of this config holds."""
+def official_keys(cfg: NVILAConfig, include_optional: bool = False) -> Iterator[tuple[str, str]]:
+    """(component, key) of every tensor an official checkpoint of this config holds (plus the ones it may
+    hold, with `include_optional`)."""
     for rule in key_rules(cfg):
+        if rule.optional and not include_optional:
+            continue
         if "(?P<layer>" in rule.pattern:
             for i in range(layer_count(cfg, rule)):
                 yield rule.component, rule.official_key(i)
@@ -198,6 +210,31 @@ def from_param(cfg: NVILAConfig, transform: str, x: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown transform {transform!r}")
 
 
+def official_shape(transform: str, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The official tensor's shape for a parameter (one layer's slice) of `param_shape`: `from_param` on shapes."""
+    s = tuple(param_shape)
+    if transform == "identity":
+        return s
+    if transform == "transpose":
+        return s[::-1]
+    if transform == "conv_oihw_to_hwio":
+        return (s[3], s[2], s[0], s[1])
+    op, _ = transform.rsplit("_", 1)
+    if op == "heads_in":
+        return (s[1] * s[2], s[0])
+    if op == "heads_bias":
+        return (s[0] * s[1],)
+    if op == "heads_out":
+        return (s[2], s[0] * s[1])
+    raise ValueError(f"unknown transform {transform!r}")
+
+
+def row_axis(transform: str) -> int | None:
+    """The parameter axis that the official tensor's rows (axis 0) become, for transforms that keep rows whole
+    (so a tensor can be converted a block of rows at a time); None for the others."""
+    return {"identity": 0, "transpose": 1}.get(transform)
+
+
 # ---------------------------------------------------------------------------------- in memory
 def state_dicts_to_params(
     cfg: NVILAConfig, tensors: dict[str, dict[str, np.ndarray]]
@@ -233,14 +270,28 @@ def params_to_state_dicts(
 ) -> dict[str, dict[str, np.ndarray]]:
     """The inverse of `state_dicts_to_params`."""
     out: dict[str, dict[str, np.ndarray]] = {c: {} for c in COMPONENTS}
-    for component, key in official_keys(cfg):
+    for component, key in official_keys(cfg, include_optional=True):
         rule, layer = resolve(cfg, component, key)
         if not is_used(cfg, rule, layer):
+            if rule.optional and key not in (unused or {}).get(component, {}):
+                continue
             out[component][key] = (unused or {})[component][key]
             continue
         x = np.asarray(_get(params, rule.path))
         out[component][key] = from_param(cfg, rule.transform, x if layer is None else x[layer])
     return out
+
+
+# ---------------------------------------------------------------------------------- the -hf layout
+def split_hf_layout_key(key: str) -> tuple[str, str] | None:
+    """`llm.model.norm.weight` -> ("llm", "model.norm.weight"); None for a key without a component prefix."""
+    component, _, rest = key.partition(".")
+    return (component, rest) if component in COMPONENTS and rest else None
+
+
+def hf_layout_key(component: str, key: str) -> str:
+    """The inverse of `split_hf_layout_key`."""
+    return f"{component}.{key}"
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

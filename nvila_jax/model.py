@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from nvila_jax import sharding
 from nvila_jax.config import NVILAConfig
+from nvila_jax.distributed import to_host
 from nvila_jax.inference.request import Request, VideoLike, prepare_request
 from nvila_jax.media.image import ImageLike
 from nvila_jax.models.nvila import NVILA
@@ -26,10 +30,13 @@ class NVILAModel:
     rows without a token. `nvila_jax.load_pretrained` passes the converted checkpoint's list (its
     generation_config.json `suppress_tokens`); sampling is to mask their logits, `score` returns raw logits for
     every id.
+
+    With a `mesh` (nvila_jax.sharding.make_mesh) the parameters are placed in their shards and every program
+    runs on the mesh, across processes too.
     """
 
     def __init__(self, config: NVILAConfig, params: Any, tokenizer: NVILATokenizer, dtype: Any = jnp.float32,
-                 suppressed_token_ids: Sequence[int] = ()):
+                 suppressed_token_ids: Sequence[int] = (), mesh: Mesh | None = None):
         for name, tid in (("image", config.image_token_id), ("video", config.video_token_id)):
             have = getattr(tokenizer, f"{name}_token_id")
             if tid != have:
@@ -37,13 +44,20 @@ class NVILAModel:
         if len(tokenizer) > config.llm.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM only {config.llm.vocab_size} rows")
         self.config = config
-        self.params = nn.meta.unbox(params)
+        self.mesh = mesh
+        self.params = nn.meta.unbox(params) if mesh is None else sharding.shard_params(params, config, mesh)
         self.tokenizer = tokenizer
         self.module = NVILA(config, dtype=dtype)
         self.suppressed_token_ids = tuple(sorted({int(i) for i in suppressed_token_ids}))
         bad = [i for i in self.suppressed_token_ids if not 0 <= i < config.llm.vocab_size]
         if bad:
             raise ValueError(f"suppressed_token_ids {bad} are outside the vocabulary of {config.llm.vocab_size}")
+
+    @contextlib.contextmanager
+    def on_mesh(self) -> Iterator[None]:
+        """Device work runs inside: programs traced here follow the mesh and the logical axis rules."""
+        with sharding.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            yield
 
     # ------------------------------------------------------------------ device programs (cached per shape)
     @functools.partial(jax.jit, static_argnums=(0,))
@@ -105,8 +119,9 @@ class NVILAModel:
         ids = jnp.asarray(req.fused.input_ids)[None]
         vi = jnp.asarray(req.fused.visual_index)[None]
         pos = jnp.arange(req.length, dtype=jnp.int32)[None]
-        logits = self._all_logits(self.params, ids, vi, self.visual_tokens(req), pos, jnp.ones_like(ids))
-        return np.asarray(logits[0])
+        with self.on_mesh():
+            logits = self._all_logits(self.params, ids, vi, self.visual_tokens(req), pos, jnp.ones_like(ids))
+        return to_host(logits)[0]
 
     def generate(self, prompt: str, images: Sequence[ImageLike] = (), video: VideoLike | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -118,9 +133,14 @@ class NVILAModel:
     def generate_ids(self, prompt: str, images: Sequence[ImageLike] = (), video: VideoLike | None = None,
                      max_new_tokens: int = 64, num_frames: int | None = None) -> list[int]:
         """Greedy token ids of the answer, without the stop token."""
-        req = self.prepare(prompt, images, video, num_frames)
+        with self.on_mesh():
+            return self._greedy_ids(self.prepare(prompt, images, video, num_frames), max_new_tokens)
+
+    def _greedy_ids(self, req: Request, max_new_tokens: int) -> list[int]:
         n = req.length
         cache = KVCache.init(self.config.llm, 1, n + max_new_tokens, jnp.float32)
+        if self.mesh is not None:
+            cache = jax.device_put(cache, sharding.kv_cache_shardings(self.mesh, cache))
         ids = jnp.asarray(req.fused.input_ids)[None]
         vi = jnp.asarray(req.fused.visual_index)[None]
         logits, cache = self._step(self.params, ids, vi, self.visual_tokens(req),
@@ -129,7 +149,7 @@ class NVILAModel:
         empty = jnp.zeros((0, self.config.llm.hidden_size), jnp.float32)
         out: list[int] = []
         for step in range(max_new_tokens):
-            token = int(jnp.argmax(logits[0]))
+            token = int(to_host(jnp.argmax(logits[0])))
             if token in stops:
                 break
             out.append(token)

@@ -115,17 +115,19 @@ def load_pretrained(directory: str | os.PathLike, mesh_shape: Mapping[str, int] 
     directory = os.fspath(directory)
     config = read_config(directory)
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(stored_dtype(directory))
-    target = None
+    target = mesh = None
     if mesh_shape is not None:
         try:
             from nvila_jax import sharding
         except ImportError:
             raise ValueError("load_pretrained(mesh_shape=...) restores onto a device mesh with nvila_jax.sharding, "
                              "which this installation does not have; pass mesh_shape=None (one device)") from None
-        target = sharding.abstract_sharded_params(config, sharding.make_mesh(mesh_shape), dtype)
+        mesh = sharding.make_mesh(mesh_shape)
+        target = sharding.abstract_sharded_params(config, mesh, dtype)
     params = restore_params(directory, target, dtype)
     tokenizer = NVILATokenizer.from_dir(os.path.join(directory, TOKENIZER_DIR))
-    return NVILAModel(config, params, tokenizer, dtype=dtype, suppressed_token_ids=suppressed_token_ids(directory))
+    return NVILAModel(config, params, tokenizer, dtype=dtype, suppressed_token_ids=suppressed_token_ids(directory),
+                      mesh=mesh)
 
 
 def _require(directory: str | os.PathLike, names: Sequence[str]) -> None:

@@ -105,7 +105,7 @@ def _plan(source: SourceCheckpoint, cfg: NVILAConfig, tok: BuiltTokenizer, rows:
     for path, refs in grouped.items():
         stacked = None not in refs
         ordered = tuple(refs[i] for i in sorted(refs)) if stacked else (refs[None],)
-        vocab = refs.get(None) is not None and refs[None].key in VOCAB_KEYS
+        vocab = not stacked and rules[path].official_key(None) in VOCAB_KEYS
         params.append(ParamSource(path, rules[path], shapes[path], ordered, stacked, rows if vocab else None))
     suppressed = tuple(range(min(rows, size), max(rows, size)))
     return ConversionPlan(source, cfg, final, tok, tuple(params), tuple(unused), rows, suppressed)

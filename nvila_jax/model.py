@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,10 +15,12 @@ from jax.sharding import Mesh
 from nvila_jax import sharding
 from nvila_jax.config import NVILAConfig
 from nvila_jax.distributed import to_host
+from nvila_jax.inference.batch import GenerationRequest, RequestLike, generate_batch
+from nvila_jax.inference.engine import Engine, Generation
 from nvila_jax.inference.request import Request, VideoLike, prepare_request
+from nvila_jax.inference.sampling import SamplingParams
 from nvila_jax.media.image import ImageLike
 from nvila_jax.models.nvila import NVILA
-from nvila_jax.models.qwen2 import KVCache
 from nvila_jax.text.tokenizer import NVILATokenizer
 
 
@@ -80,16 +82,6 @@ class NVILAModel:
 
         return nn.apply(run, self.module)({"params": params})
 
-    @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(6,))
-    def _step(self, params, ids, visual_index, visual, positions, cache):
-        """Runs tokens through the cache; returns the last position's logits and the new cache."""
-
-        def run(m):
-            hidden, new_cache = m(ids, visual_index, visual, positions, jnp.ones_like(ids), cache)
-            return m.logits(hidden[:, -1]), new_cache
-
-        return nn.apply(run, self.module)({"params": params})
-
     def visual_tokens(self, request: Request) -> jax.Array:
         """All visual tokens of a request in sequence order: [M, D]."""
         img_id = self.config.image_token_id
@@ -123,38 +115,38 @@ class NVILAModel:
             logits = self._all_logits(self.params, ids, vi, self.visual_tokens(req), pos, jnp.ones_like(ids))
         return to_host(logits)[0]
 
+    @functools.cached_property
+    def engine(self) -> Engine:
+        """The generation engine; its compiled programs are reused by every later call."""
+        shardings = None if self.mesh is None else functools.partial(sharding.kv_cache_shardings, self.mesh)
+        return Engine(self.config, self.module, self.tokenizer.stop_token_ids, self.tokenizer.pad_token_id,
+                      self.suppressed_token_ids, cache_shardings=shardings)
+
     def generate(self, prompt: str, images: Sequence[ImageLike] = (), video: VideoLike | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 num_frames: int | None = None) -> str:
+                 num_frames: int | None = None, top_k: int = 0) -> str:
         """The decoded answer (greedy when temperature == 0), stopping at the checkpoint's stop tokens."""
-        ids = self.generate_ids(prompt, images, video, max_new_tokens, num_frames)
+        ids = self.generate_ids(prompt, images, video, max_new_tokens, num_frames, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generate_ids(self, prompt: str, images: Sequence[ImageLike] = (), video: VideoLike | None = None,
-                     max_new_tokens: int = 64, num_frames: int | None = None) -> list[int]:
-        """Greedy token ids of the answer, without the stop token."""
-        with self.on_mesh():
-            return self._greedy_ids(self.prepare(prompt, images, video, num_frames), max_new_tokens)
+                     max_new_tokens: int = 64, num_frames: int | None = None, *, temperature: float = 0.0,
+                     top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[int]:
+        """Token ids of the answer, without the stop token."""
+        request = GenerationRequest(prompt, images, video, num_frames)
+        return self.generate_batch([request], max_new_tokens, temperature, top_p, top_k, seed)[0].token_ids
 
-    def _greedy_ids(self, req: Request, max_new_tokens: int) -> list[int]:
-        n = req.length
-        cache = KVCache.init(self.config.llm, 1, n + max_new_tokens, jnp.float32)
-        if self.mesh is not None:
-            cache = jax.device_put(cache, sharding.kv_cache_shardings(self.mesh, cache))
-        ids = jnp.asarray(req.fused.input_ids)[None]
-        vi = jnp.asarray(req.fused.visual_index)[None]
-        logits, cache = self._step(self.params, ids, vi, self.visual_tokens(req),
-                                   jnp.arange(n, dtype=jnp.int32)[None], cache)
-        stops = set(self.tokenizer.stop_token_ids)
-        empty = jnp.zeros((0, self.config.llm.hidden_size), jnp.float32)
-        out: list[int] = []
-        for step in range(max_new_tokens):
-            token = int(to_host(jnp.argmax(logits[0])))
-            if token in stops:
-                break
-            out.append(token)
-            if step + 1 == max_new_tokens:
-                break
-            logits, cache = self._step(self.params, jnp.full((1, 1), token, jnp.int32), jnp.full((1, 1), -1),
-                                       empty, jnp.full((1, 1), n + step, jnp.int32), cache)
-        return out
+    def generate_batch(self, requests: Sequence[RequestLike], max_new_tokens: int = 64, temperature: float = 0.0,
+                       top_p: float = 1.0, top_k: int = 0, seed: int = 0, max_batch_size: int = 8,
+                       on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+        """Answers to many requests (GenerationRequest, dict of its fields, or prompt string), run in
+        left-padded batches of up to `max_batch_size` similar-length prompts; results keep the input order.
+
+        Every request is prepared (media loaded, length checked) before any device work. Each gets the same
+        sampling settings unless its GenerationRequest carries its own; with the same seed a request gives
+        the same tokens alone or in a batch. `on_token(request_index, token_id)` streams tokens."""
+        sampling = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed)
+        with self.on_mesh():
+            return generate_batch(self.engine, self.params, self.config, self.tokenizer, requests, sampling,
+                                  max_batch_size, on_token)

@@ -118,19 +118,115 @@ jax.tree_util.register_dataclass(
 )
 
 
+# Key/query block sizes of the blocked attention (tuned on a 2-core AVX-512 CPU; see docs/inference.md).
+ATTENTION_BLOCK_Q = 256
+ATTENTION_BLOCK_KV = 256
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, scale: float
 ) -> jax.Array:
-    """Grouped-query attention, softmax in float32. q [B,T,H,Dh], k/v [B,S,KVH,Dh] -> [B,T,H,Dh]."""
+    """Grouped-query attention, softmax in float32. q [B,T,H,Dh], k/v [B,S,KVH,Dh] -> [B,T,H,Dh].
+
+    Exact either way: blocked (online softmax, never a [T, S] matrix, blocks no query can see skipped)
+    once the keys span more than one block, dense below that. A query that sees no key gets zeros.
+    """
+    if k.shape[1] > ATTENTION_BLOCK_KV:
+        return blocked_attention(q, k, v, mask, scale)
+    return dense_attention(q, k, v, mask, scale)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, scale: float) -> jax.Array:
+    """The whole [T, S] softmax at once: the reference for `blocked_attention`, and fastest for short keys."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, t, kvh, h // kvh, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
-        logits = jnp.where(mask.dense()[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        visible = mask.dense()[:, None, None]
+        logits = jnp.where(visible, logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        probs = jnp.where(visible.any(-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad) if size != x.shape[axis] else x
+
+
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask | None,
+    scale: float,
+    block_q: int = ATTENTION_BLOCK_Q,
+    block_kv: int = ATTENTION_BLOCK_KV,
+) -> jax.Array:
+    """Flash-style attention: per (query block, batch row, KV head) a loop over key blocks with an online
+    softmax in float32. Work items are plain 2-D matmuls (the CPU runtime multi-threads those, not batched
+    ones); a key block is skipped when the mask rules out every key in it for every query of the block
+    (padding, unwritten cache slots, the future under a causal mask). Same shapes and semantics as
+    `dense_attention`."""
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    if mask is None:
+        zeros_q, zeros_kv = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
+        mask = AttentionMask(zeros_q + 1, zeros_kv + 1, zeros_q, zeros_kv, causal=False)
+    bq, bk = min(block_q, t), min(block_kv, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    q, k, v = _pad_to(q, 1, nq * bq), _pad_to(k, 1, nk * bk), _pad_to(v, 1, nk * bk)  # padding: segment 0
+    q_seg, q_slot = (_pad_to(a, 1, nq * bq).reshape(b, nq, bq) for a in (mask.q_segment, mask.q_slot))
+    kv_seg, kv_slot = (_pad_to(a, 1, nk * bk).reshape(b, nk, bk) for a in (mask.kv_segment, mask.kv_slot))
+    kv_live = (kv_seg > 0).any(-1)  # [b, nk]: the block holds a valid key
+    kv_first = jnp.where(kv_seg > 0, kv_slot, jnp.iinfo(jnp.int32).max).min(-1)  # earliest valid slot
+    items = q.reshape(b, nq, bq, kvh, g, d).transpose(1, 0, 3, 2, 4, 5).reshape(nq * b * kvh, bq * g, d)
+    kb = k.reshape(b, nk, bk, kvh, d).transpose(0, 3, 1, 2, 4)  # [b, kvh, nk, bk, d]
+    vb = v.reshape(b, nk, bk, kvh, d).transpose(0, 3, 1, 2, 4)
+    index = jnp.arange(nq * b * kvh)
+
+    def attend(args):
+        qi, n = args
+        iq, ib, ih = n // (b * kvh), (n // kvh) % b, n % kvh
+        qs, qsl = q_seg[ib, iq], q_slot[ib, iq]
+        q_last = jnp.where(qs > 0, qsl, -1).max()
+
+        def step(j, carry):
+            def update(carry):
+                acc, run_max, denom = carry
+                ks, ksl = kv_seg[ib, j], kv_slot[ib, j]
+                seen = (qs[:, None] == ks[None, :]) & (ks > 0)[None, :]
+                if mask.causal:
+                    seen &= ksl[None, :] <= qsl[:, None]
+                logits = jnp.dot(qi, kb[ib, ih, j].T, preferred_element_type=jnp.float32).reshape(bq, g, bk)
+                logits = jnp.where(seen[:, None, :], logits * scale, _MASKED).reshape(bq * g, bk)
+                new_max = jnp.maximum(run_max, logits.max(-1))
+                p = jnp.exp(logits - new_max[:, None])
+                correction = jnp.exp(run_max - new_max)
+                pv = jnp.dot(p.astype(v.dtype), vb[ib, ih, j], preferred_element_type=jnp.float32)
+                return acc * correction[:, None] + pv, new_max, denom * correction + p.sum(-1)
+
+            live = kv_live[ib, j] & (q_last >= 0)
+            if mask.causal:
+                live &= kv_first[ib, j] <= q_last
+            return jax.lax.cond(live, update, lambda c: c, carry)
+
+        rows = bq * g
+        init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _MASKED, jnp.float32),
+                jnp.zeros((rows,), jnp.float32))
+        acc, run_max, denom = jax.lax.fori_loop(0, nk, step, init)
+        seen_any = run_max > _MASKED
+        return jnp.where(seen_any[:, None], acc / jnp.where(seen_any, denom, 1.0)[:, None], 0.0)
+
+    out = jax.lax.map(attend, (items, index))
+    out = out.reshape(nq, b, kvh, bq, g, d).transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * bq, h, d)
+    return out[:, :t].astype(q.dtype)
 
 
 def stack_layers(

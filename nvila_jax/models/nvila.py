@@ -44,21 +44,30 @@ class NVILA(nn.Module):
 
         With Dynamic-S2 a lone tile's features stand in for every scale: repeated on channels.
         """
-        maps = self.tile_features(pixels)
+        return self.project_tiles(self.tile_features(pixels))
+
+    def project_tiles(self, maps: jax.Array) -> jax.Array:
+        """`tile_tokens` after the vision tower: feature maps [N, g, g, C] -> [N, tokens_per_tile, D]."""
         if self.config.tiling == "dynamic_s2":
             maps = jnp.tile(maps, (1, 1, 1, len(self.config.s2_scales)))
         return self.projector(maps)
 
     def s2_image_tokens(self, pixels: jax.Array, grid: tuple[int, int]) -> jax.Array:
         """All scales' tiles of one image [1 + 4 + R*C, S, S, 3] -> visual tokens [tokens, D]."""
+        return self.project_s2(self.tile_features(pixels), grid)
+
+    def project_s2(self, maps: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        """`s2_image_tokens` after the vision tower: one image's tile maps [1 + 4 + R*C, g, g, C] -> [tokens, D]."""
         c = self.config
-        merged, blocks = merge_s2_features(self.tile_features(pixels), grid, c.s2_scales,
-                                           c.s2_resize_output_to_scale_idx)
+        merged, blocks = merge_s2_features(maps, grid, c.s2_scales, c.s2_resize_output_to_scale_idx)
         return project_blocks(self.projector, merged, blocks, c.projector.downsample)
 
     def video_tokens(self, pixels: jax.Array) -> jax.Array:
         """Frames [T, S, S, 3] -> the video's visual tokens [tokens, D], temporally pooled for TSP."""
-        tokens = self.tile_tokens(pixels)
+        return self.pool_video(self.tile_tokens(pixels))
+
+    def pool_video(self, tokens: jax.Array) -> jax.Array:
+        """`video_tokens` after the projector: frame tokens [T, tokens_per_tile, D] -> [tokens, D]."""
         enc = self.config.video_encoder
         if enc.kind == "tsp":
             return jnp.concatenate([p.reshape(-1, p.shape[-1]) for p in temporal_pool(tokens, enc.pool_sizes)])

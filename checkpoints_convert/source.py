@@ -35,6 +35,12 @@ class SourceCheckpoint:
     tensors: dict[tuple[str, str], TensorRef]  # (component, key as the component's own directory names it)
     small_files: list[str]  # relative paths of every non-tensor file (configs, tokenizer, index files)
     problems: list[str]
+    # tensors that could not be listed because their file is missing or unreadable (already a problem):
+    unlisted_keys: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # known from an index
+    unlisted_components: set[str] = dataclasses.field(default_factory=set)  # no index: any key may be there
+
+    def is_unlisted(self, component: str, key: str) -> bool:
+        return component in self.unlisted_components or (component, key) in self.unlisted_keys
 
     def relpath(self, path: str) -> str:
         return os.path.relpath(path, self.root)
@@ -89,6 +95,7 @@ def _scan_dir(src: SourceCheckpoint, directory: str, component: str) -> None:
             for f in listed:
                 if not os.path.exists(f):
                     src.problems.append(f"{index_path}: lists shard {os.path.basename(f)}, which does not exist")
+                    _unlisted(src, component, weight_map, os.path.basename(f))
             files = [f for f in listed if os.path.exists(f)] + [f for f in files if f not in listed]
     if not files:
         pickled = sorted(p for p in os.listdir(directory) if p.endswith(PICKLE_SUFFIXES))
@@ -106,6 +113,7 @@ def _scan_dir(src: SourceCheckpoint, directory: str, component: str) -> None:
             header = read_header(path)
         except SafetensorsError as e:
             src.problems.append(str(e))
+            _unlisted(src, component, weight_map, os.path.basename(path))
             continue
         src.headers.append((component, header))
         name = os.path.basename(path)
@@ -130,6 +138,18 @@ def _scan_dir(src: SourceCheckpoint, directory: str, component: str) -> None:
         for key, shard in weight_map.items():
             if key not in have and os.path.exists(os.path.join(directory, shard)):
                 src.problems.append(f"{index_path}: lists {key!r} in {shard}, which does not contain it")
+
+
+def _unlisted(src: SourceCheckpoint, component: str, weight_map: dict[str, str] | None, shard: str) -> None:
+    """Records the tensors of a shard that cannot be read, so they are not reported missing one by one."""
+    if weight_map is None:
+        src.unlisted_components.update([component] if component else ["llm", "vision_tower", "mm_projector"])
+        return
+    for key, name in weight_map.items():
+        if name == shard:
+            split = (component, key) if component else split_hf_layout_key(key)
+            if split is not None:
+                src.unlisted_keys.add(split)
 
 
 def _read_index(src: SourceCheckpoint, path: str) -> dict[str, str] | None:

@@ -11,6 +11,7 @@ The layout is the one of the `Efficient-Large-Model/NVILA-*` releases (NVILA_REF
 
     write_official_checkpoint(ref, path, shards=2, tokenizer="fast" | "slow", media_tokens=True,
                               dtype="float32" | "bfloat16", vocab_rows=None, layout="official" | "hf") -> path
+    write_tokenizer_files(hf_tokenizer, directory, tokenizer="slow", media_tokens=True)   only the tokenizer files
     load_official_tokenizer(path)   the HF tokenizer the official loader builds from those files
     official_reference(ref, path)   `ref`'s modules with that tokenizer: the reference forward of the checkpoint
 
@@ -60,7 +61,7 @@ def write_official_checkpoint(
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     cfg = ref.cfg
-    tok = _tokenizer_parts(ref, media_tokens)
+    tok = _tokenizer_parts(ref.tokenizer, media_tokens)
     rows = vocab_rows if vocab_rows is not None else (cfg.llm.vocab_size if media_tokens else tok["first_nvila_id"])
     tensors = _official_tensors(ref, rows, TORCH_DTYPES[dtype])
     hf = cfg.to_hf_config()
@@ -99,6 +100,16 @@ def write_official_checkpoint(
         _write_json(os.path.join(path, "preprocessor_config.json"), _preprocessor_config(cfg))
         _write_tokenizer(path, tok, tokenizer, cfg.model_max_length)
     return path
+
+
+def write_tokenizer_files(hf_tokenizer: Any, directory: str | os.PathLike, *, tokenizer: str = "slow",
+                          media_tokens: bool = True, model_max_length: int = 4096) -> str:
+    """Writes the Qwen2-release tokenizer files of `hf_tokenizer` (a byte-level BPE PreTrainedTokenizerFast)
+    into `directory`, as `write_official_checkpoint` does in llm/; returns the directory."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    _write_tokenizer(directory, _tokenizer_parts(hf_tokenizer, media_tokens), tokenizer, model_max_length)
+    return directory
 
 
 def load_official_tokenizer(path: str | os.PathLike) -> Any:
@@ -200,14 +211,15 @@ def _preprocessor_config(cfg: Any) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
-def _tokenizer_parts(ref: Any, media_tokens: bool) -> dict:
+def _tokenizer_parts(hf_tokenizer: Any, media_tokens: bool) -> dict:
     """Base BPE vocabulary, merges and added tokens of the reference tokenizer (NVILA tokens dropped when
     `media_tokens` is False), plus its special tokens and chat template."""
-    backend = json.loads(ref.tokenizer.backend_tokenizer.to_str())
+    backend = json.loads(hf_tokenizer.backend_tokenizer.to_str())
     added = sorted(((t["id"], t["content"]) for t in backend["added_tokens"]))
     nvila = [i for i, c in added if c in NVILA_TOKENS]
-    first_nvila = min(nvila) if nvila else len(ref.tokenizer)
-    if not media_tokens and nvila != list(range(len(ref.tokenizer) - len(nvila), len(ref.tokenizer))):
+    n = len(hf_tokenizer)
+    first_nvila = min(nvila) if nvila else n
+    if not media_tokens and nvila != list(range(n - len(nvila), n)):
         raise ValueError("media_tokens=False needs the reference tokenizer's NVILA tokens to be its last ids")
     if not media_tokens:
         added = [(i, c) for i, c in added if c not in NVILA_TOKENS]
@@ -218,9 +230,9 @@ def _tokenizer_parts(ref: Any, media_tokens: bool) -> dict:
         "added": added,
         "ids": {c: i for i, c in added},
         "first_nvila_id": first_nvila,
-        "eos": ref.tokenizer.eos_token,
-        "pad": ref.tokenizer.pad_token,
-        "chat_template": ref.tokenizer.chat_template,
+        "eos": hf_tokenizer.eos_token,
+        "pad": hf_tokenizer.pad_token,
+        "chat_template": hf_tokenizer.chat_template,
     }
 
 

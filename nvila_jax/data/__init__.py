@@ -1,0 +1,1 @@
+"""Host-side training data: LLaVA-style records, mixtures, label masking, packing and the grain pipeline."""

@@ -1,0 +1,258 @@
+"""`nvila-jax train`: the training loop around the pure train step.
+
+Resumes automatically from DIR/checkpoints (parameters, optimizer state, step, RNG, the data iterator
+state and run counters), so a run killed at any point and restarted writes the same metrics.jsonl as an
+uninterrupted one (bit-exact on CPU; tests/test_resume.py). SIGTERM (preemption) saves a checkpoint at the
+end of the current step and exits with status 143.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from nvila_jax.config import NVILAConfig
+from nvila_jax.data import synthetic
+from nvila_jax.data.mixture import DatasetSpec, Mixture, load_mixture
+from nvila_jax.data.packing import PackingOptions, StepBatch, VisualGeometry
+from nvila_jax.data.pipeline import DevicePrefetch, build_pipeline
+from nvila_jax.data.sample import SKIP_REASONS, SampleOptions, load_tokenizer
+from nvila_jax.models.nvila import NVILA, init_params
+from nvila_jax.text.tokenizer import NVILATokenizer
+from nvila_jax.train import flops as flops_lib
+from nvila_jax.train.checkpoint import Checkpointer, restore_params
+from nvila_jax.train.config import RunConfigError, model_config
+from nvila_jax.train.metrics import MetricsLogger
+from nvila_jax.train.optimizer import make_optimizer
+from nvila_jax.train.step import TrainState, init_train_state, make_train_step
+
+PREEMPTED_EXIT = 143
+CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "model"
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """Everything a run (or an evaluation of its data) needs, derived from the config."""
+
+    config: ml_collections.ConfigDict
+    model_config: NVILAConfig
+    tokenizer: NVILATokenizer
+    mixture: Mixture
+    sample_options: SampleOptions
+    packing: PackingOptions
+
+    @property
+    def geometry(self) -> VisualGeometry:
+        return VisualGeometry.from_config(self.model_config)
+
+
+def setup_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunSetup:
+    mcfg = model_config(cfg)
+    tok = load_tokenizer(cfg.tokenizer)
+    if (mcfg.image_token_id, mcfg.video_token_id) != (tok.image_token_id, tok.video_token_id):
+        raise RunConfigError(f"the tokenizer's media token ids {(tok.image_token_id, tok.video_token_id)} differ from "
+                             f"the model config's {(mcfg.image_token_id, mcfg.video_token_id)}")
+    if len(tok) > mcfg.llm.vocab_size:
+        raise RunConfigError(f"the tokenizer has {len(tok)} tokens but the model only {mcfg.llm.vocab_size} rows")
+    d = cfg.data
+    if d.mixture == "synthetic":
+        path = synthetic.write_dataset(os.path.join(workdir, "data", "synthetic"), d.synthetic_records,
+                                       d.synthetic_seed)
+        mixture = Mixture((DatasetSpec("synthetic", path, os.path.dirname(path)),))
+    else:
+        mixture = load_mixture(d.mixture)
+    if d.seq_len > mcfg.model_max_length:
+        raise RunConfigError(f"data.seq_len={d.seq_len} exceeds the model's context {mcfg.model_max_length}")
+    buckets = tuple(sorted(int(b) for b in d.tile_buckets))
+    packing = PackingOptions(rows=d.rows_per_batch, seq_len=d.seq_len, tile_buckets=buckets,
+                             accumulation=d.accumulation, group_steps=d.group_steps, pad_id=tok.pad_token_id)
+    options = SampleOptions(max_length=d.seq_len, max_tiles=max(buckets), image_policy=d.image_policy,
+                            num_video_frames=d.num_video_frames or None)
+    return RunSetup(cfg, mcfg, tok, mixture, options, packing)
+
+
+def data_iterator(run: RunSetup, seed: int, shuffle: bool = True, repeat: bool = True):
+    d = run.config.data
+    return iter(build_pipeline(run.mixture, run.model_config, run.config.tokenizer, run.sample_options,
+                               run.packing, seed=seed, process_index=jax.process_index(),
+                               process_count=jax.process_count(), num_workers=d.num_workers,
+                               read_threads=d.read_threads, shuffle=shuffle, repeat=repeat))
+
+
+def initial_params(cfg: ml_collections.ConfigDict, mcfg: NVILAConfig) -> Any:
+    """Random parameters (seed), or the previous stage's: a training workdir or an nvila_jax model directory."""
+    like = jax.eval_shape(lambda: nn.meta.unbox(init_params(mcfg, jax.random.key(cfg.seed))))
+    src = cfg.init_from
+    if not src:
+        return jax.jit(lambda: nn.meta.unbox(init_params(mcfg, jax.random.key(cfg.seed))))()
+    if not os.path.isdir(src):
+        raise RunConfigError(f"config.init_from={src!r}: no such directory")
+    if os.path.isdir(os.path.join(src, CHECKPOINT_DIR)):
+        params, _ = restore_params(os.path.join(src, CHECKPOINT_DIR), like)
+    else:
+        from nvila_jax.checkpoint import restore_params as restore_model_params
+
+        params = restore_model_params(src, like)
+    got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
+    want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), like)
+    if got != want:
+        raise RunConfigError(f"config.init_from={src!r}: its parameters do not match the model {cfg.model!r}")
+    return params
+
+
+def export_model(directory: str, mcfg: NVILAConfig, params: Any, tokenizer: NVILATokenizer) -> None:
+    """An nvila_jax model directory (config.json, params/, tokenizer/) readable by `load_pretrained`."""
+    import orbax.checkpoint as ocp
+
+    from nvila_jax.checkpoint import CONFIG_FILE, PARAMS_DIR, TOKENIZER_DIR, atomic_directory
+
+    with atomic_directory(directory, overwrite=True) as tmp:
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(mcfg.to_json())
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(tmp, PARAMS_DIR), params)
+        tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
+
+
+class _Preemption:
+    """SIGTERM sets a flag that the loop checks after every step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host_stats(batch: StepBatch) -> tuple[int, int, int]:
+    """(samples, non-padding tokens, trained tokens) of a step on this process."""
+    a = batch.arrays
+    return batch.num_samples, int((a["segment_ids"] > 0).sum()), int((a["targets"] >= 0).sum())
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
+    """Runs (or resumes) training; returns the exit status (0 done, 143 preempted)."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    run = setup_run(cfg, workdir)
+    mcfg, total = run.model_config, int(cfg.num_train_steps)
+    primary = jax.process_index() == 0
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(cfg.to_json(indent=2))
+
+    module = NVILA(mcfg, dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat)
+    trainable = tuple(cfg.trainable)
+    like = jax.eval_shape(lambda: nn.meta.unbox(init_params(mcfg, jax.random.key(0))))
+    tx, schedules = make_optimizer(
+        like, trainable=trainable, learning_rate=cfg.learning_rate,
+        module_learning_rates=cfg.module_learning_rates.to_dict(), total_steps=total,
+        warmup_steps=int(round(cfg.warmup_ratio * total)), schedule=cfg.lr_schedule,
+        weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+        max_grad_norm=cfg.max_grad_norm or None)
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.save_every, cfg.keep_checkpoints,
+                        cfg.async_checkpointing)
+    latest = ckpt.latest_step()
+    counters = {"samples": 0, "tokens": 0, "trained_tokens": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
+    data_state = None
+    if latest is not None:
+        state_like = jax.eval_shape(lambda: init_train_state(like, tx, cfg.seed))
+        params, opt, data_state, meta = ckpt.restore(latest, state_like.params,
+                                                     {"step": state_like.step, "opt_state": state_like.opt_state,
+                                                      "rng": state_like.rng})
+        state = TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"], rng=opt["rng"])
+        counters = meta["counters"]
+        if primary:
+            print(f"resumed from {ckpt.directory}/{latest} (step {latest})", flush=True)
+    else:
+        state = init_train_state(initial_params(cfg, mcfg), tx, cfg.seed)
+    start = int(state.step)
+    if start >= total:
+        ckpt.close()
+        if primary:
+            print(f"already trained {start} >= num_train_steps={total} steps", flush=True)
+        return 0
+
+    iterator = data_iterator(run, cfg.seed)
+    if data_state is not None:
+        iterator.set_state(data_state)
+    prefetch = DevicePrefetch(iterator, lambda b: {k: jnp.asarray(v) for k, v in b.arrays.items()},
+                              cfg.data.prefetch)
+    step_fn = jax.jit(make_train_step(module, tx, run.geometry, trainable, schedules, cfg.loss_chunk),
+                      donate_argnums=0)
+    logger = MetricsLogger(workdir, total, start, enabled=primary)
+    peak, peak_source = flops_lib.device_peak_flops(cfg.peak_tflops_per_device)
+    if primary:
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        print(f"training {mcfg.name} ({n_params / 1e6:.2f}M parameters; trainable: {', '.join(trainable)}) "
+              f"for {total} steps in {workdir}; MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})", flush=True)
+    preemption = _Preemption()
+    status = 0
+    window_flops, window_tokens, t_last = 0.0, 0, time.perf_counter()
+    try:
+        for step in range(start, total):
+            device_batch, host_batch, data_state = next(prefetch)
+            state, metrics = step_fn(state, device_batch)
+            samples, tokens, trained = _host_stats(host_batch)
+            counters["samples"] += samples
+            counters["tokens"] += tokens
+            counters["trained_tokens"] += trained
+            for reason, n in zip(SKIP_REASONS, host_batch.skipped):
+                counters["skipped"][reason] += int(n)
+            a = host_batch.arrays
+            window_flops += flops_lib.step_flops(mcfg, a["input_ids"].shape[1], a["input_ids"].shape[2],
+                                                 a["tiles"].shape[1], a["input_ids"].shape[0], trainable)
+            window_tokens += tokens
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total or preemption.requested:
+                # The logged step's own loss (not a window mean), so a resumed run logs the same numbers.
+                fetched = jax.device_get(metrics)
+                elapsed = time.perf_counter() - t_last
+                record = {
+                    "loss": float(fetched["loss"]), "grad_norm": float(fetched["grad_norm"]),
+                    **{k: float(v) for k, v in fetched.items() if k.startswith("lr/")},
+                    "samples": counters["samples"], "trained_tokens": counters["trained_tokens"],
+                    "tokens_per_s": window_tokens * jax.process_count() / elapsed,
+                    "mfu": flops_lib.mfu(window_flops * jax.process_count(), elapsed, peak, jax.device_count()),
+                    "skipped": sum(counters["skipped"].values()),
+                }
+                logger.log(done, record)
+                logger.progress(done, record)
+                window_flops, window_tokens, t_last = 0.0, 0, time.perf_counter()
+            meta = {"counters": counters, "seed": cfg.seed}
+            if preemption.requested:
+                ckpt.save(done, state.params, {"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
+                          data_state, meta, force=True)
+                ckpt.wait()
+                if primary:
+                    print(f"preempted: saved step {done} to {ckpt.directory}", flush=True)
+                status = PREEMPTED_EXIT
+                break
+            ckpt.save(done, state.params, {"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
+                      data_state, meta, force=done == total)
+        if status == 0:
+            ckpt.wait()
+            if primary:
+                export_model(os.path.join(workdir, MODEL_DIR), mcfg, jax.device_get(state.params), run.tokenizer)
+                skipped = {k: v for k, v in counters["skipped"].items() if v}
+                print(f"done: {total} steps, {counters['samples']} samples; skipped records: {skipped or 'none'}; "
+                      f"model in {os.path.join(workdir, MODEL_DIR)}", flush=True)
+    finally:
+        preemption.restore()
+        prefetch.close()
+        ckpt.close()
+        logger.close()
+    return status

@@ -9,9 +9,7 @@ them), batched generation sharded across processes, resumable predictions, `--re
 yes_no); `nvila_jax.eval.tasks.TASKS` the benchmarks. See docs/eval.md.
 """
 
-from nvila_jax.eval.generation import GenerationRequest, model_generator
 from nvila_jax.eval.runner import evaluate, evaluate_model, model_manifest, rescore
 from nvila_jax.eval.tasks import TASKS, make_task, parse_task_list
 
-__all__ = ["GenerationRequest", "TASKS", "evaluate", "evaluate_model", "make_task", "model_generator",
-           "model_manifest", "parse_task_list", "rescore"]
+__all__ = ["TASKS", "evaluate", "evaluate_model", "make_task", "model_manifest", "parse_task_list", "rescore"]

@@ -1,55 +1,32 @@
-"""The runner's view of a model: a `generate_batch(requests) -> list[str]` callable.
-
-The runner only needs answers for a list of requests; `model_generator` builds that callable from an
-NVILAModel, using its batched generation when the model has one (`generate_batch`) and one request at a
-time otherwise. Tests and users can pass any callable with the same contract.
-"""
+"""The runner's view of a model: a `generate_batch(requests) -> list[str]` callable over the inference
+engine's GenerationRequest. `model_generator` builds it from an NVILAModel (its batched, bucketed
+`generate_batch`); tests and users can pass any callable with the same contract."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from typing import Any, Callable, Sequence
 
 import PIL.Image
 
-from nvila_jax.eval.tasks.base import ImageSource, Sample
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationRequest:
-    """One greedy generation: a user prompt with its media, as `NVILAModel.generate` takes it."""
-
-    prompt: str
-    images: tuple[ImageSource, ...] = ()
-    video: str | None = None
-    num_frames: int | None = None
-    max_new_tokens: int = 64
-
-    @classmethod
-    def from_sample(cls, sample: Sample, max_new_tokens: int) -> "GenerationRequest":
-        return cls(sample.prompt, sample.images, sample.video, sample.num_frames, max_new_tokens)
-
-    def image_inputs(self) -> list[Any]:
-        """Paths as they are, embedded image bytes decoded to PIL images."""
-        return [PIL.Image.open(io.BytesIO(im)) if isinstance(im, bytes) else im for im in self.images]
-
+from nvila_jax.eval.tasks.base import Sample
+from nvila_jax.inference.batch import GenerationRequest
+from nvila_jax.inference.sampling import SamplingParams
 
 GenerateBatch = Callable[[Sequence[GenerationRequest]], list[str]]
 
 
+def sample_request(sample: Sample, max_new_tokens: int) -> GenerationRequest:
+    """The greedy generation request of a sample (images stored as bytes in a data file are decoded)."""
+    images = [PIL.Image.open(io.BytesIO(im)) if isinstance(im, bytes) else im for im in sample.images]
+    return GenerationRequest(sample.prompt, images, sample.video, sample.num_frames,
+                             SamplingParams(max_new_tokens=max_new_tokens))
+
+
 def model_generator(model: Any) -> GenerateBatch:
-    """A generate_batch callable for an NVILAModel (or anything with the same `generate` / `generate_batch`)."""
-    if hasattr(model, "generate_batch"):
-        def batched(requests: Sequence[GenerationRequest]) -> list[str]:
-            return list(model.generate_batch([
-                dict(prompt=r.prompt, images=r.image_inputs(), video=r.video, num_frames=r.num_frames,
-                     max_new_tokens=r.max_new_tokens) for r in requests]))
+    """Answers from `model.generate_batch`, the whole list as one batch (grouped by the engine's buckets)."""
 
-        return batched
+    def generate(requests: Sequence[GenerationRequest]) -> list[str]:
+        return [g.text for g in model.generate_batch(list(requests), max_batch_size=len(requests))]
 
-    def one_by_one(requests: Sequence[GenerationRequest]) -> list[str]:
-        return [model.generate(r.prompt, images=r.image_inputs(), video=r.video, num_frames=r.num_frames,
-                               max_new_tokens=r.max_new_tokens) for r in requests]
-
-    return one_by_one
+    return generate

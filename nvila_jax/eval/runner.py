@@ -22,16 +22,18 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm import tqdm
 
 import nvila_jax
 from nvila_jax.eval.formats import DataError
-from nvila_jax.eval.generation import GenerateBatch, GenerationRequest, model_generator
 from nvila_jax.eval.store import PredictionStore, write_atomic, write_json
 from nvila_jax.eval.tasks import Task, make_task
 from nvila_jax.eval.tasks.base import Sample
+
+if TYPE_CHECKING:
+    from nvila_jax.eval.generation import GenerateBatch
 
 RUN_FILE, RESULTS_FILE, SAMPLES_FILE = "run.json", "results.json", "samples.jsonl"
 
@@ -104,15 +106,24 @@ def _check_run(task_dir: str, run: dict[str, Any], write: bool) -> None:
         write_json(path, run)
 
 
+def _barrier(name: str, process_count: int) -> None:
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"nvila_jax.eval:{name}")
+
+
 def evaluate(generate_batch: GenerateBatch, tasks: Sequence[Task], *, data_root: str, out: str,
              model_info: dict[str, Any], default_num_frames: int = 8, batch_size: int = 8,
              limit: int | None = None, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Runs every task (resuming from the predictions already in `out`) and returns {task key: results}.
 
-    `generate_batch` maps a list of GenerationRequest to answers (see nvila_jax.eval.generation);
+    `generate_batch` maps a list of inference GenerationRequests to answers (nvila_jax.eval.generation);
     `model_info` identifies the model (`model_manifest`, or any dict for other callables).
     """
     import jax
+
+    from nvila_jax.eval.generation import sample_request
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -128,6 +139,7 @@ def evaluate(generate_batch: GenerateBatch, tasks: Sequence[Task], *, data_root:
         _check_run(task_dir, run, write=index == 0)
         store = PredictionStore(task_dir, index, count)
         done = store.load()
+        _barrier(f"start:{task.key}", count)  # every process has read the same finished set before any adds to it
         pending = [s for s in samples if s.id not in done]
         mine = _pad_shard(pending, index, count)
         generated, started = 0, time.perf_counter()
@@ -136,7 +148,7 @@ def evaluate(generate_batch: GenerateBatch, tasks: Sequence[Task], *, data_root:
             for start in range(0, len(mine), batch_size):
                 batch = mine[start:start + batch_size]
                 filler = next(s for s in batch + pending if s is not None)
-                requests = [GenerationRequest.from_sample(s or filler, task.generation_length) for s in batch]
+                requests = [sample_request(s or filler, task.generation_length) for s in batch]
                 answers = generate_batch(requests)
                 if len(answers) != len(requests):
                     raise RuntimeError(f"generate_batch returned {len(answers)} answers for {len(requests)} requests")
@@ -145,10 +157,7 @@ def evaluate(generate_batch: GenerateBatch, tasks: Sequence[Task], *, data_root:
                 generated += len(finished)
                 bar.update(len(finished))
         seconds = time.perf_counter() - started
-        if count > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"nvila_jax.eval:{task.key}")
+        _barrier(f"end:{task.key}", count)
         if index == 0:
             store.merge([s.id for s in samples])
             results[task.key] = score_task_dir(task_dir, throughput={"generated": generated, "seconds": seconds})
@@ -160,6 +169,8 @@ def evaluate(generate_batch: GenerateBatch, tasks: Sequence[Task], *, data_root:
 def evaluate_model(model: Any, tasks: Sequence[Task], *, data_root: str, out: str, model_dir: str | None = None,
                    **kwargs: Any) -> dict[str, dict[str, Any]]:
     """`evaluate` for an NVILAModel: its batched generation, its manifest, its default frame count."""
+    from nvila_jax.eval.generation import model_generator
+
     kwargs.setdefault("default_num_frames", model.config.num_video_frames)
     return evaluate(model_generator(model), tasks, data_root=data_root, out=out,
                     model_info=model_manifest(model, model_dir), **kwargs)

@@ -174,9 +174,9 @@ def write_benchmarks(root: str) -> list[str]:
                 "Is the output of the code '6'? Please answer yes or no.\tNo\n")
 
     # POPE: JSON lines per category + COCO images
-    for cat, qid, label in (("random", 1, "yes"), ("adversarial", 1, "no")):
-        _jsonl(r("pope", f"coco_pope_{cat}.json"), [{"question_id": qid, "image": "COCO_val2014_000000310196.jpg",
-                                                     "text": "Is there a snowboard in the image?", "label": label}])
+    for cat, thing, label in (("random", "skateboard", "yes"), ("adversarial", "snowboard", "no")):
+        _jsonl(r("pope", f"coco_pope_{cat}.json"), [{"question_id": 1, "image": "COCO_val2014_000000310196.jpg",
+                                                     "text": f"Is there a {thing} in the image?", "label": label}])
     _jsonl(r("pope", "coco_pope_popular.json"), [{"question_id": 7, "image": "COCO_val2014_000000310196.jpg",
                                                   "text": "Is there a person in the image? ", "label": "yes"}])
     _image(r("pope", "val2014", "COCO_val2014_000000310196.jpg"), "yellow")

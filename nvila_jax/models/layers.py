@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nvila_jax.kernels.fp8.linear import FP8_META
+
 Dtype = Any
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -243,7 +245,7 @@ def stack_layers(
         layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return nn.scan(
         layer_cls,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, FP8_META: 0},  # FP8 amax histories (delayed scaling) are per layer
         split_rngs={"params": True},
         in_axes=in_axes,
         length=num_layers,

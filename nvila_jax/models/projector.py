@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from nvila_jax.config import ConfigError, ProjectorConfig
-from nvila_jax.kernels import space_to_channel
+from nvila_jax.kernels import space_to_channel, space_to_channel_layer_norm
 from nvila_jax.models.layers import Dtype, dense, layer_norm
 
 PROJECTOR_LN_EPS = 1e-5  # torch.nn.LayerNorm default
@@ -49,6 +49,25 @@ def layer_name(cfg: ProjectorConfig, index: int) -> str:
     return "layers" if cfg.projector_type == "linear" else f"layers_{index}"
 
 
+class STCLayerNorm(nn.Module):
+    """k x k space-to-channel then the first LayerNorm, as one fused kernel call (the dispatcher picks XLA
+    or Pallas); its parameters are that LayerNorm's `scale` and `bias`, so the parameter tree is unchanged."""
+
+    k: int
+    axis_name: str
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = self.k * self.k * x.shape[-1]
+        init = lambda f: nn.with_logical_partitioning(f, (self.axis_name,))  # noqa: E731
+        scale = self.param("scale", init(nn.initializers.ones_init()), (d,), self.param_dtype)
+        bias = self.param("bias", init(nn.initializers.zeros_init()), (d,), self.param_dtype)
+        return space_to_channel_layer_norm(x.astype(self.dtype), self.k, scale, bias, PROJECTOR_LN_EPS, impl=self.impl)
+
+
 class Projector(nn.Module):
     """feature maps [N, h, w, C] -> visual tokens [N, ceil(h/k) * ceil(w/k), D] (row-major tokens)."""
 
@@ -69,9 +88,16 @@ class Projector(nn.Module):
         # Logical name of x's feature axis: dense layers alternate embed -> mlp -> embed (column- then
         # row-parallel), so no kernel names one logical axis twice (sharding rules need distinct names).
         axis = "embed"
+        fused_ln = -1
         for i, spec in enumerate(layout):
             name = layer_name(self.config, i)
-            if spec.kind == "stc":
+            if i == fused_ln:
+                continue
+            if spec.kind == "stc" and i + 1 < len(layout) and layout[i + 1].kind == "ln":
+                fused_ln = i + 1
+                x = STCLayerNorm(spec.size, axis, self.stc_impl, name=layer_name(self.config, i + 1), **kw)(x)
+                x = x.reshape(x.shape[0], -1, x.shape[-1])
+            elif spec.kind == "stc":
                 x = space_to_channel(x, spec.size, impl=self.stc_impl)
                 x = x.reshape(x.shape[0], -1, x.shape[-1])
             elif spec.kind == "ln":

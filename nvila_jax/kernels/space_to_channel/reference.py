@@ -20,3 +20,19 @@ def space_to_channel_reference(x: jax.Array, k: int) -> jax.Array:
     hk, wk = (h + ph) // k, (w + pw) // k
     x = x.reshape(b, hk, k, wk, k, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, hk, wk, k * k * c)
+
+
+def space_to_channel_layer_norm_reference(
+    x: jax.Array, k: int, scale: jax.Array, bias: jax.Array, eps: float
+) -> jax.Array:
+    """LayerNorm over the k*k*C channels of STC(x), as the projector's first two layers compute it.
+
+    Statistics in float32 with the centred (two-pass) variance of torch.nn.LayerNorm; padded positions
+    are zeros inside each token's vector, so they take part in its mean and variance. Output in x.dtype.
+    """
+    s = space_to_channel_reference(x, k).astype(jnp.float32)
+    mean = jnp.mean(s, axis=-1, keepdims=True)
+    centred = s - mean
+    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)

@@ -228,9 +228,9 @@ def write_benchmarks(root: str) -> list[str]:
     _frames(r("custom", "clips", "c1"), 6, "yellow")
     _jsonl(r("custom", "questions.jsonl"), [
         {"id": "q1", "question": "What color is the square?", "image": "imgs/1.png", "answer": "red"},
+        {"id": "q3", "question": "What color are the frames?", "video": "clips/c1", "answers": ["yellow", "gold"]},
         {"id": "q2", "question": "Which picture is blue?", "images": ["imgs/1.png", "imgs/2.png"],
          "options": ["the first", "the second"], "answer": 1},
-        {"id": "q3", "question": "What color are the frames?", "video": "clips/c1", "answers": ["yellow", "gold"]},
     ])
 
     return ["textvqa", "vqav2", "docvqa", "infovqa", "chartqa", "ai2d", "mmmu", "mme", "pope", "gqa",

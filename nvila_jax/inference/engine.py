@@ -31,6 +31,7 @@ from nvila_jax.models.qwen2 import KVCache
 
 PROMPT_BUCKET_MIN = 32
 VISUAL_BUCKET_MIN = 64
+STOP_IDS_MULTIPLE = 4
 
 
 @flax.struct.dataclass
@@ -59,8 +60,8 @@ class DecodeState:
     top_k: jax.Array
     top_p: jax.Array
     seeds: jax.Array
-    stop_ids: jax.Array  # [K]
-    suppressed: jax.Array  # [S]: token ids never to generate
+    stop_ids: jax.Array  # [K], padded with -1 to a multiple of STOP_IDS_MULTIPLE (one compiled shape)
+    suppressed: jax.Array  # [V] bool: token ids never to generate
 
 
 @flax.struct.dataclass
@@ -85,19 +86,16 @@ def advance(state: DecodeState, logits: jax.Array) -> tuple[DecodeState, StepOut
     return new, StepOutput(tokens, active, done)
 
 
-def prefill(module: NVILA, params: Any, inputs: PrefillInputs, cache: KVCache, state: DecodeState):
-    """Runs the prompts through the LLM into the cache and chooses the first token of every row.
-
-    Returns (state, cache, StepOutput)."""
+def prefill(module: NVILA, params: Any, inputs: PrefillInputs, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Runs the prompts through the LLM into the cache. Returns the last position's float32 logits [B, V]
+    (choose the first tokens with `advance`) and the cache."""
 
     def run(m: NVILA):
         hidden, new_cache = m(inputs.input_ids, inputs.visual_index, inputs.visual_tokens, inputs.positions,
                               inputs.segment_ids, cache)
         return m.logits(hidden[:, -1]), new_cache
 
-    logits, cache = nn.apply(run, module)({"params": params})
-    state, out = advance(state, logits)
-    return state, cache, out
+    return nn.apply(run, module)({"params": params})
 
 
 def decode_step(module: NVILA, params: Any, state: DecodeState, cache: KVCache):
@@ -115,10 +113,34 @@ def decode_step(module: NVILA, params: Any, state: DecodeState, cache: KVCache):
     return state, cache, out
 
 
-def _method(module: NVILA, method: Callable, params: Any, *args):
-    return module.apply({"params": params}, *args, method=method)
+# Compiled programs. The module is a static argument (equal configs give equal modules), so every engine and
+# model of the same configuration shares one compile cache.
+_prefill = jax.jit(prefill, static_argnums=(0,), donate_argnums=(3,))
+_decode_step = jax.jit(decode_step, static_argnums=(0,), donate_argnums=(3,))
+_advance = jax.jit(advance)  # apart from prefill: compiled once per batch size, not per prompt length
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _tile_tokens(module: NVILA, params: Any, pixels: jax.Array) -> jax.Array:
+    return module.apply({"params": params}, pixels, method=NVILA.tile_tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _tile_features(module: NVILA, params: Any, pixels: jax.Array) -> jax.Array:
+    return module.apply({"params": params}, pixels, method=NVILA.tile_features)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _project_s2(module: NVILA, params: Any, maps: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    return module.apply({"params": params}, maps, grid, method=NVILA.project_s2)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _pool_video(module: NVILA, params: Any, tokens: jax.Array) -> jax.Array:
+    return module.apply({"params": params}, tokens, method=NVILA.pool_video)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
 def _place(buffer: jax.Array, piece: jax.Array, offset: jax.Array) -> jax.Array:
     """Writes visual tokens [..., D] into the batch buffer [M, D] from row `offset`."""
     piece = piece.reshape(-1, buffer.shape[-1]).astype(buffer.dtype)
@@ -170,15 +192,17 @@ class Engine:
         self.pad_id = pad_id
         self.max_tile_batch = max_tile_batch
         self.cache_shardings = cache_shardings
-        self.stop_ids = np.asarray(sorted(set(stop_token_ids)), np.int32)
-        self.suppressed = np.asarray(sorted(set(suppressed_token_ids)), np.int32)
-        self.prefill = jax.jit(functools.partial(prefill, module), donate_argnums=(2,))
-        self.decode_step = jax.jit(functools.partial(decode_step, module), donate_argnums=(2,))
-        self._tile_tokens = jax.jit(functools.partial(_method, module, NVILA.tile_tokens))
-        self._tile_features = jax.jit(functools.partial(_method, module, NVILA.tile_features))
-        self._project_s2 = jax.jit(functools.partial(_method, module, NVILA.project_s2), static_argnums=(2,))
-        self._pool_video = jax.jit(functools.partial(_method, module, NVILA.pool_video))
-        self._place = jax.jit(_place, donate_argnums=(0,))
+        stops = sorted(set(stop_token_ids))
+        size = max(STOP_IDS_MULTIPLE, -(-len(stops) // STOP_IDS_MULTIPLE) * STOP_IDS_MULTIPLE)
+        self.stop_ids = np.asarray(stops + [-1] * (size - len(stops)), np.int32)
+        self.suppressed = np.zeros((config.llm.vocab_size,), bool)
+        self.suppressed[list(suppressed_token_ids)] = True
+        self.prefill = functools.partial(_prefill, module)
+        self.decode_step = functools.partial(_decode_step, module)
+        self._tile_tokens = functools.partial(_tile_tokens, module)
+        self._tile_features = functools.partial(_tile_features, module)
+        self._project_s2 = functools.partial(_project_s2, module)
+        self._pool_video = functools.partial(_pool_video, module)
 
     # ------------------------------------------------------------------ vision
     def _chunked(self, fn: Callable, params: Any, pixels: np.ndarray) -> jax.Array:
@@ -231,7 +255,7 @@ class Engine:
             return jnp.zeros((0, d), jnp.float32), rows
         buffer = jnp.zeros((bucket(total, VISUAL_BUCKET_MIN), d), pieces[0][0].dtype)
         for tokens, offset in pieces:
-            buffer = self._place(buffer, tokens, jnp.int32(offset))
+            buffer = _place(buffer, tokens, jnp.int32(offset))
         return buffer, rows
 
     # ------------------------------------------------------------------ batch building
@@ -307,7 +331,9 @@ class Engine:
         if self.cache_shardings is not None:
             cache = jax.device_put(cache, self.cache_shardings(cache))
         state = self.initial_state(requests, sampling, batch, max_new)
-        state, cache, first = self.prefill(params, inputs, cache, state)
+        logits, cache = self.prefill(params, inputs, cache)
+        state, first = _advance(state, logits)
+        stops = set(self.stop_ids.tolist())
         tokens: list[list[int]] = [[] for _ in requests]
         reasons = ["length"] * len(requests)
         pending = [first]
@@ -326,7 +352,7 @@ class Engine:
                 decode_tokens += int(out.active[: len(requests)].sum())
             for row in np.flatnonzero(out.active[: len(requests)]):
                 token = int(out.tokens[row])
-                if token in self.stop_ids:
+                if token in stops:
                     reasons[row] = "stop"
                     continue
                 tokens[row].append(token)

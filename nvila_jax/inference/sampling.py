@@ -35,11 +35,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {self.top_k}")
 
 
-def suppress(logits: jax.Array, suppressed: jax.Array | None) -> jax.Array:
-    """Logits [B, V] with the never-trained token ids (`suppressed`, int [K]) set to -inf."""
-    if suppressed is None or suppressed.shape[0] == 0:
-        return logits
-    return logits.at[:, suppressed].set(-jnp.inf)
+def suppress(logits: jax.Array, suppressed: jax.Array) -> jax.Array:
+    """Logits [B, V] with the never-trained token ids (`suppressed`: bool [V]) set to -inf."""
+    return jnp.where(suppressed, -jnp.inf, logits)
 
 
 def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

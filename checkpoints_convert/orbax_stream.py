@@ -12,6 +12,7 @@ sharded `jax.ShapeDtypeStruct` targets read them like any Orbax checkpoint.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,6 +24,9 @@ from etils import epath
 from orbax.checkpoint import future as ocp_future
 
 Block = tuple[tuple[slice, ...], np.ndarray]
+# Blocks written concurrently (compression and disk I/O overlap with reading the next block); memory grows by
+# about one block per write in flight.
+WRITES_IN_FLIGHT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,7 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
         super().__init__(deepcopy_host_arrays=False)
 
     async def _write_all(self, values: Sequence[StreamedArray], infos: Sequence[Any]) -> None:
+        pending: collections.deque = collections.deque()  # writes in flight, oldest first
         for value, info in zip(values, infos):
             await info.await_path_creation()
             spec = ocp.type_handlers.get_json_tspec_write(
@@ -54,7 +59,11 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
                 dtype=np.dtype(value.dtype), process_index=jax.process_index() if info.is_ocdbt_checkpoint else None)
             array = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
             for index, block in value.blocks():
-                await array[index].write(block)
+                pending.append(array[index].write(block))
+                if len(pending) >= WRITES_IN_FLIGHT:
+                    await pending.popleft()
+        while pending:
+            await pending.popleft()
 
     async def serialize(self, values, infos, args=None):  # type: ignore[override]
         return [ocp_future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos),

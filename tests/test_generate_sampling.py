@@ -1,0 +1,83 @@
+"""Sampling filters against HF transformers' logits warpers, sampled frequencies, and shape buckets."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from nvila_jax.inference.buckets import batch_bucket, bucket, power_of_two_chunks
+from nvila_jax.inference.sampling import SamplingParams, _filter_top_k_top_p, row_keys, sample
+
+SETTINGS = [(1.0, 0, 0.9), (0.7, 5, 1.0), (1.5, 10, 0.5), (0.3, 3, 0.8), (1.0, 1, 1.0), (2.0, 0, 0.05),
+            (1.0, 100, 0.99)]
+
+
+def _hf_filtered(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    x = TemperatureLogitsWarper(temperature)(None, torch.from_numpy(logits))
+    if top_k:
+        x = TopKLogitsWarper(top_k)(None, x)
+    if top_p < 1:
+        x = TopPLogitsWarper(top_p)(None, x)
+    return x.numpy()
+
+
+def test_filters_equal_hf_warpers():
+    logits = np.random.RandomState(0).randn(len(SETTINGS), 40).astype(np.float32) * 3
+    t, k, p = (np.asarray(v) for v in zip(*SETTINGS))
+    got = _filter_top_k_top_p(jnp.asarray(logits / t[:, None]), jnp.asarray(k, jnp.int32),
+                              jnp.asarray(p, jnp.float32))
+    for row, (temp, top_k, top_p) in enumerate(SETTINGS):
+        want = _hf_filtered(logits[row:row + 1], temp, top_k, top_p)[0]
+        np.testing.assert_array_equal(np.isinf(np.asarray(got[row])), np.isinf(want))
+        kept = ~np.isinf(want)
+        np.testing.assert_allclose(np.asarray(got[row])[kept], want[kept], rtol=1e-6)
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    logits = np.asarray([2.0, 1.5, 1.0, 0.2, -1.0, 0.9], np.float32)
+    n = 20000
+    for temp, top_k, top_p in [(1.0, 0, 1.0), (0.8, 3, 1.0), (1.2, 0, 0.7)]:
+        want = _hf_filtered(logits[None], temp, top_k, top_p)[0]
+        probs = np.exp(want - want.max())
+        probs /= probs.sum()
+        keys = row_keys(jnp.arange(n, dtype=jnp.uint32), jnp.zeros((n,), jnp.int32))
+        tokens = sample(jnp.broadcast_to(jnp.asarray(logits), (n, 6)), keys, jnp.full((n,), temp),
+                        jnp.full((n,), top_k, jnp.int32), jnp.full((n,), top_p))
+        freq = np.bincount(np.asarray(tokens), minlength=6) / n
+        assert np.all(freq[probs == 0] == 0)
+        np.testing.assert_allclose(freq, probs, atol=0.015)
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_rows():
+    logits = jnp.asarray(np.random.RandomState(1).randn(4, 50).astype(np.float32))
+    keys = row_keys(jnp.arange(4, dtype=jnp.uint32), jnp.zeros((4,), jnp.int32))
+    temp = jnp.asarray([0.0, 1.0, 0.0, 1.0])
+    got = np.asarray(sample(logits, keys, temp, jnp.zeros((4,), jnp.int32), jnp.ones((4,))))
+    np.testing.assert_array_equal(got[[0, 2]], np.asarray(jnp.argmax(logits, -1))[[0, 2]])
+    assert jax.jit(sample)(logits, keys, temp * 0, jnp.zeros((4,), jnp.int32), jnp.ones((4,))).tolist() == \
+        np.argmax(np.asarray(logits), -1).tolist()
+
+
+@pytest.mark.parametrize("bad,match", [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.1), "temperature"),
+                                       (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k")])
+def test_sampling_params_are_validated(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**bad)
+
+
+def test_buckets_cover_every_size_with_bounded_padding():
+    sizes = [bucket(n) for n in range(0, 5000)]
+    assert all(s >= n for n, s in enumerate(sizes)) and sizes == sorted(sizes)
+    assert all(s <= max(16, n * 1.25 + 1) for n, s in enumerate(sizes))
+    assert len(set(sizes)) < 40  # few compiled shapes
+    assert [bucket(n) for n in (1, 16, 17, 33, 65, 129, 2048, 2049)] == [16, 16, 20, 40, 80, 160, 2048, 2560]
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    for n in range(0, 70):
+        chunks = power_of_two_chunks(n, 16)
+        assert sum(chunks) == n and all(c in (1, 2, 4, 8, 16) for c in chunks) and chunks == sorted(chunks)[::-1]
+    with pytest.raises(ValueError, match="power of two"):
+        power_of_two_chunks(4, 12)

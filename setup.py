@@ -36,7 +36,9 @@ setup(
     ],
     extras_require={
         # The PyTorch reference used by the tests; the CPU build of torch is pinned exactly.
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers>=5,<6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch==2.13.0", "transformers>=5,<6", "pyarrow>=15"],
+        # Reading the Parquet releases of MMMU and Video-MME (`nvila-jax eval`).
+        "eval": ["pyarrow>=15"],
     },
     entry_points={"console_scripts": ["nvila-jax=nvila_jax.cli:main"]},
 )

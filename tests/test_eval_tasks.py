@@ -161,3 +161,21 @@ def test_bad_input_names_the_file(tmp_path, data_root):
     (tmp_path / "custom.jsonl").write_text('{"question": "a?", "answer": "x"}\n{broken\n')
     with pytest.raises(DataError, match="custom.jsonl:2: not valid JSON"):
         make_task("jsonl[file=custom.jsonl]").load(str(tmp_path), 8)
+
+
+def test_eval_suites_load_and_name_valid_tasks(tmp_path):
+    from nvila_jax.eval.suite import load_suite
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs", "eval")
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py"):
+            suite = load_suite(os.path.join(root, name))
+            assert [make_task(spec) for spec in parse_task_list(suite.tasks)]
+    video = load_suite(os.path.join(root, "video.py"), ["--config.limit=5", "--config.tasks=egoschema[frames=16]"])
+    assert video.limit == 5 and video.tasks == "egoschema[frames=16]"
+    with pytest.raises(ValueError, match="unknown key"):
+        load_suite(os.path.join(root, "video.py"), ["--config.frames=5"])
+    (tmp_path / "bad.py").write_text("import ml_collections\n\ndef get_config():\n"
+                                     "    return ml_collections.ConfigDict({'tasks': 'gqa', 'batchsize': 2})\n")
+    with pytest.raises(ValueError, match="unknown field.*batchsize"):
+        load_suite(str(tmp_path / "bad.py"))

@@ -7,6 +7,8 @@ Writes a synthetic bfloat16 checkpoint in the official layout (the real SigLIP-s
 runs in fresh subprocesses, each measured with os.wait4 (peak resident set, wall time):
   reference   a plain safetensors read of every tensor (safetensors.safe_open, framework "pt")
   copy        `cp -r` of the checkpoint: reading and writing the same bytes, what bounds a converter on disk
+  orbax       Orbax StandardCheckpointer.save of the same tensors held in memory (timed: the save only),
+              the speed of the writer the converter streams into
   convert     `nvila-jax convert SRC DST` (default bfloat16): validation, sha256 of every file, streaming
               conversion into Orbax, extras, tokenizer, manifest
   baseline    `import jax, orbax.checkpoint` alone (the converter's fixed cost)
@@ -44,6 +46,24 @@ for path in sorted(glob.glob(sys.argv[1] + "/**/*.safetensors", recursive=True))
         for k in f.keys():
             n += f.get_tensor(k).numel()
 print(n)
+"""
+
+# Orbax's own speed on this disk: every tensor read into memory, then one StandardCheckpointer.save (timed).
+ORBAX_SAVE = """
+import sys, glob, time
+import ml_dtypes, torch
+import orbax.checkpoint as ocp
+from safetensors import safe_open
+tree = {}
+for path in sorted(glob.glob(sys.argv[1] + "/**/*.safetensors", recursive=True)):
+    with safe_open(path, "pt") as f:
+        for k in f.keys():
+            tree[f"{path}:{k}".replace("/", "|").replace(".", "_")] = f.get_tensor(k).view(torch.int16).numpy().view(
+                ml_dtypes.bfloat16)
+start = time.perf_counter()
+with ocp.StandardCheckpointer() as c:
+    c.save(sys.argv[2], tree)
+print(time.perf_counter() - start)
 """
 
 
@@ -111,14 +131,15 @@ def write_checkpoint(cfg: NVILAConfig, root: str) -> tuple[int, int]:
 MEASURE = """
 import json, os, subprocess, sys, time
 start = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, text=True)
+out = proc.stdout.read()
 _, status, usage = os.wait4(proc.pid, 0)
-print(json.dumps([time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)]))
+print(json.dumps([time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), out]))
 """
 
 
-def measure(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in MB, exit code) of a command."""
+def measure(cmd: list[str]) -> tuple[float, float, int, str]:
+    """(wall seconds, peak RSS in MB, exit code, stdout) of a command."""
     out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], check=True, capture_output=True, text=True).stdout
     return tuple(json.loads(out.strip().splitlines()[-1]))
 
@@ -137,19 +158,26 @@ def main() -> int:
         print(f"generated {total / 1e9:.2f} GB checkpoint (largest tensor {largest / 1e6:.0f} MB) in "
               f"{time.perf_counter() - t:.0f}s")
         mb = total / 1e6
-        base_s, base_rss, _ = measure([sys.executable, "-c", "import jax, orbax.checkpoint"])
-        read_s, read_rss, code = measure([sys.executable, "-c", READ_ALL, src])
+        base_s, base_rss, *_ = measure([sys.executable, "-c", "import jax, orbax.checkpoint"])
+        read_s, read_rss, code, _ = measure([sys.executable, "-c", READ_ALL, src])
         assert code == 0, "the reference read failed"
-        copy_s, copy_rss, code = measure(["cp", "-r", src, dst + "-copy"])
+        copy_s, copy_rss, code, _ = measure(["cp", "-r", src, dst + "-copy"])
         assert code == 0, "the copy failed"
         shutil.rmtree(dst + "-copy")
-        conv_s, conv_rss, code = measure([sys.executable, "-m", "nvila_jax", "convert", src, dst, "--quiet"])
+        _, orbax_rss, code, out = measure([sys.executable, "-c", ORBAX_SAVE, src, dst + "-orbax"])
+        assert code == 0, "the Orbax save failed"
+        orbax_s = float(out.strip().splitlines()[-1])
+        shutil.rmtree(dst + "-orbax")
+        conv_s, conv_rss, code, _ = measure([sys.executable, "-m", "nvila_jax", "convert", src, dst, "--quiet"])
         assert code == 0, "the conversion failed"
         print(f"reference  safetensors read   {read_s:6.1f}s {mb / read_s:7.0f} MB/s   peak RSS {read_rss:6.0f} MB")
         print(f"copy       cp -r (read+write) {copy_s:6.1f}s {mb / copy_s:7.0f} MB/s   peak RSS {copy_rss:6.0f} MB")
+        print(f"orbax      in-memory save     {orbax_s:6.1f}s {mb / orbax_s:7.0f} MB/s   peak RSS {orbax_rss:6.0f} MB"
+              " (whole checkpoint in memory; save only)")
         print(f"convert    nvila-jax convert  {conv_s:6.1f}s {mb / conv_s:7.0f} MB/s   peak RSS {conv_rss:6.0f} MB")
         print(f"baseline   import jax, orbax  {base_s:6.1f}s                 peak RSS {base_rss:6.0f} MB")
-        print(f"ratio: convert throughput / safetensors read = {read_s / conv_s:.2f}, / copy = {copy_s / conv_s:.2f}; "
+        print(f"ratio: convert throughput / safetensors read = {read_s / conv_s:.2f}, / copy = {copy_s / conv_s:.2f}, "
+              f"/ Orbax in-memory save = {orbax_s / conv_s:.2f}; "
               f"converter peak RSS = "
               f"{conv_rss / (total / 2**20):.2f} x checkpoint size, {conv_rss / (largest / 2**20):.2f} x largest tensor")
     finally:

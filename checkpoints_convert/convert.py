@@ -2,7 +2,8 @@
 
 Everything is validated first (checkpoints_convert.validate); then, in a temporary directory beside the
 destination that is renamed only when complete (nvila_jax.checkpoint.atomic_directory):
-1. every source file is checksummed (sha256, the same digest as the Hugging Face hub's LFS object ids);
+1. every source file is checksummed (sha256, the same digest as the Hugging Face hub's LFS object ids), in a
+   thread beside the conversion;
 2. each parameter is read one official tensor at a time (or one block of rows of a large one), transformed
    (transpose / head split / conv layout), cast, and written into its slice of the Orbax array, so memory
    stays near one block (BLOCK_BYTES), not the checkpoint size; vocabulary tables are padded with zero rows
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -49,13 +51,13 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", force: bool = False, pr
     plan = plan_conversion(src)
     if os.path.abspath(plan.source.root) == dst:
         raise ValueError(f"{dst}: the destination is the source checkpoint itself")
-    with atomic_directory(dst, overwrite=force) as tmp:
-        files = _checksums(plan, progress)
+    with atomic_directory(dst, overwrite=force) as tmp, _Checksums(plan, progress) as checksums:
         tensor_bytes = sum(r.nbytes for p in plan.params for r in p.refs) + sum(r.nbytes for *_, r in plan.unused)
         with _bar(tensor_bytes, "convert", progress) as bar:
             tree = _param_tree(plan, TARGET_DTYPES[dtype], bar.update)
             save_streamed(os.path.join(tmp, PARAMS_DIR), tree)
             _write_extras(plan, os.path.join(tmp, EXTRAS_FILE), bar.update)
+        files = checksums.result()
         plan.tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
         _write_json(os.path.join(tmp, CONFIG_FILE), json.loads(plan.config.to_json()))
         _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), _generation_config(plan))
@@ -130,20 +132,47 @@ def _write_extras(plan: ConversionPlan, path: str, progress: Progress) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def _checksums(plan: ConversionPlan, progress: bool) -> dict[str, dict[str, Any]]:
-    root = plan.source.root
-    paths = sorted({plan.source.relpath(h.path) for _, h in plan.source.headers} | set(plan.source.small_files))
-    sizes = {p: os.path.getsize(os.path.join(root, p)) for p in paths}
-    out = {}
-    with _bar(sum(sizes.values()), "checksum", progress) as bar:
-        for p in paths:
-            h = hashlib.sha256()
-            with open(os.path.join(root, p), "rb") as f:
-                while chunk := f.read(8 * 1024 * 1024):
-                    h.update(chunk)
-                    bar.update(len(chunk))
-            out[p] = {"sha256": h.hexdigest(), "bytes": sizes[p]}
-    return out
+class _Checksums(threading.Thread):
+    """sha256 of every source file, computed in a thread beside the conversion: it reads (mostly from the page
+    cache) while the conversion waits on disk writes. Used as a context manager that stops it on errors."""
+
+    def __init__(self, plan: ConversionPlan, progress: bool):
+        super().__init__(name="checksums", daemon=True)
+        root = plan.source.root
+        rels = sorted({plan.source.relpath(h.path) for _, h in plan.source.headers} | set(plan.source.small_files))
+        self._paths = {rel: os.path.join(root, rel) for rel in rels}
+        self._progress = progress
+        self._cancel = threading.Event()
+        self._files: dict[str, dict[str, Any]] = {}
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            sizes = {rel: os.path.getsize(p) for rel, p in self._paths.items()}
+            with _bar(sum(sizes.values()), "checksum", self._progress, position=1) as bar:
+                for rel, path in self._paths.items():
+                    h = hashlib.sha256()
+                    with open(path, "rb") as f:
+                        while not self._cancel.is_set() and (chunk := f.read(8 * 1024 * 1024)):
+                            h.update(chunk)
+                            bar.update(len(chunk))
+                    self._files[rel] = {"sha256": h.hexdigest(), "bytes": sizes[rel]}
+        except BaseException as e:  # re-raised in the converting thread by result()
+            self._error = e
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._files
+
+    def __enter__(self) -> "_Checksums":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cancel.set()
+        self.join()
 
 
 def _copy_small_files(plan: ConversionPlan, directory: str) -> None:
@@ -199,8 +228,8 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _bar(total: int, desc: str, enabled: bool, position: int = 0):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
-                dynamic_ncols=True)
+                dynamic_ncols=True, position=position)

@@ -148,3 +148,32 @@ def _replace(obj: Any, changes: dict, where: str) -> Any:
         else:
             kw[k] = tuple(v) if isinstance(cur, tuple) and isinstance(v, (list, tuple)) else v
     return dataclasses.replace(obj, **kw)
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """The tiny NVILA on the synthetic shapes dataset (configs/tiny.py and `nvila-jax demo`).
+
+    The `tiny` variant (56 px tiles, 7 px patches, 2x2 token compression, GQA Qwen2) with Dynamic-S2 over two
+    scales (56 px + an aspect-preserving 4..6-tile grid, so 64..96 visual tokens per image) and a wider LLM:
+    enough to learn colours, shapes, counts and positions in a few CPU minutes.
+    """
+    c = base_config()
+    c.model = "tiny"
+    c.model_overrides = ml_collections.ConfigDict({
+        "s2_scales": (56, 112), "max_tiles": 6, "projector": {"mm_hidden_size": 64, "hidden_size": 128},
+        "llm": {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "head_dim": 32}})
+    c.tokenizer = "tiny"
+    c.num_train_steps = 600
+    c.learning_rate = 2e-3
+    c.warmup_ratio = 0.05
+    c.max_grad_norm = 1.0
+    c.compute_dtype = "float32"  # bfloat16 matmuls are emulated (slow) on CPU
+    c.data.mixture = "synthetic"
+    c.data.synthetic_records = 4000
+    c.data.rows_per_batch = 8
+    c.data.seq_len = 384
+    c.data.tile_buckets = (128,)
+    c.save_every = 100
+    c.keep_checkpoints = 2
+    c.log_every = 10
+    return c

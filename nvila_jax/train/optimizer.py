@@ -55,7 +55,8 @@ def make_optimizer(
     max_grad_norm: float | None = None,
 ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
     """(optimizer, {module: lr schedule}) for the trainable modules; the others are frozen."""
-    rates = {m: (module_learning_rates or {}).get(m) or learning_rate for m in trainable}
+    given = module_learning_rates or {}
+    rates = {m: learning_rate if given.get(m) is None else given[m] for m in trainable}
     schedules = {m: lr_schedule(rates[m], total_steps, warmup_steps, schedule) for m in trainable}
     transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
     for m in trainable:

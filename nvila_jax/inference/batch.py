@@ -91,6 +91,7 @@ def generate_batch(
                 finish_reason=reasons[row],
                 prompt_tokens=prepared[i].length,
                 visual_tokens=prepared[i].fused.num_visual,
+                vit_tiles=prepared[i].num_tiles,
                 stats=stats,
             )
     return results

@@ -173,6 +173,7 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     visual_tokens: int
+    vit_tiles: int
     stats: BatchStats  # of the batch it ran in
 
 

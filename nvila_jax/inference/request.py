@@ -36,6 +36,11 @@ class Request:
     def length(self) -> int:
         return self.fused.length
 
+    @property
+    def num_tiles(self) -> int:
+        """ViT tiles of the media: every scale's tiles of a Dynamic-S2 image, every video frame."""
+        return sum(t.pixels.shape[0] for t in self.images) + (0 if self.video is None else len(self.video))
+
 
 def prepare_request(
     config: NVILAConfig,

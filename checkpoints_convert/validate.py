@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 
@@ -25,7 +26,7 @@ VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted; `problems` lists every reason found."""
+    """A checkpoint that cannot be converted; `problems` lists every reason found (paths relative to it)."""
 
     def __init__(self, where: str, problems: list[str]):
         self.problems = list(problems)
@@ -67,7 +68,8 @@ def plan_conversion(src: str) -> ConversionPlan:
     try:
         cfg = NVILAConfig.from_hf_config(source.root)
     except ConfigError as e:
-        problems.append(str(e))
+        lines = str(e).split("\n")  # NVILAConfig lists its own problems under one heading
+        problems.extend([f"config: {l.strip().removeprefix('- ')}" for l in lines[1:]] if len(lines) > 1 else lines)
     try:
         tok = build_tokenizer(source.tokenizer_dir)
     except TokenizerError as e:
@@ -81,7 +83,7 @@ def plan_conversion(src: str) -> ConversionPlan:
             if want is not None and want != have:
                 problems.append(f"the config's {name} is {want} but the tokenizer's {token} is {have}")
     if problems:
-        raise CheckpointError(source.root, problems)
+        raise CheckpointError(source.root, [p.replace(source.root + os.sep, "") for p in problems])
     return _plan(source, cfg, tok, rows)
 
 

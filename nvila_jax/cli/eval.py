@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="only the first N samples of each task (quick checks)")
     p.add_argument("--num-frames", type=int, help="frames per video for tasks without a frames= option "
                                                   "(default: the model's num_video_frames)")
-    p.add_argument("--mesh-shape", help="device mesh for the model, e.g. data=1,fsdp=1,tensor=8 (default: one "
-                                        "device per process)")
+    p.add_argument("--mesh-shape", help="device mesh for the model, e.g. data=1,fsdp=1,tensor=8 (single process; "
+                                        "default: one device per process)")
     p.add_argument("--dtype", help="parameter/compute dtype (default: as stored)")
     p.add_argument("--rescore", metavar="DIR", help="recompute every score in DIR from its saved predictions")
     p.add_argument("--list-tasks", action="store_true", help="list the tasks, their options and data layout")
@@ -86,6 +86,11 @@ def _run(args: argparse.Namespace) -> int:
     import jax
 
     import nvila_jax
+
+    if args.mesh_shape and jax.process_count() > 1:
+        raise ValueError("--mesh-shape with several processes: evaluation needs one model copy per process (the "
+                         "engine does not assemble a batch from several processes' requests); leave it out, or "
+                         "run one process over all devices")
 
     model = nvila_jax.load_pretrained(args.model, mesh_shape=args.mesh_shape, dtype=args.dtype)
     runner.evaluate_model(model, tasks, data_root=args.data_root, out=args.out, model_dir=args.model,

@@ -84,7 +84,8 @@ def test_video_prompts_and_frames(data_root):
     vm = load("videomme", data_root, frames=16)
     instruction = ("Select the best answer to the following multiple-choice question based on the video. Respond "
                    "with only the letter (A, B, C, or D) of the correct option.\n")
-    assert vm["001-1"].prompt == instruction + "How many people appear?\nA. 1.\nB. 2.\nC. 3.\nD. 4.\nThe best answer is:"
+    assert vm["001-1"].prompt == (instruction + "How many people appear?\nA. 1.\nB. 2.\nC. 3.\nD. 4.\n"
+                                  "The best answer is:")
     assert vm["001-1"].num_frames == 16 and vm["601-1"].video.endswith("LongVid01.mp4")
     assert set(load("videomme[duration=long,frames=4]", data_root)) == {"601-1"}
     subs = load("videomme_w_subtitle[frames=4]", data_root)

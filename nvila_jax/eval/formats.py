@@ -7,7 +7,7 @@ import glob
 import json
 import os
 import re
-from typing import Any, Iterator
+from typing import Any
 
 from nvila_jax.media.video import frame_indices
 
@@ -139,7 +139,8 @@ def subtitles_at_frames(subtitle_path: str, frame_count: int, fps: float, num_fr
     round(linspace(0, count - 1, N)), every subtitle whose [start, end) frame span holds one of them (the
     reference's `list(set(...))` order), the text inside its <font> tag, joined by newlines."""
     spans = [(int(start * fps), int(end * fps), text) for (start, end), text in read_srt(subtitle_path).items()]
-    hits = [i for frame in frame_indices(frame_count, num_frames) for i, (s, e, _) in enumerate(spans) if s <= frame < e]
+    hits = [i for frame in frame_indices(frame_count, num_frames)
+            for i, (start, end, _) in enumerate(spans) if start <= frame < end]
     texts = []
     for i in list(set(hits)):
         found = _SUBTITLE_TEXT.findall(spans[i][2])
@@ -147,9 +148,3 @@ def subtitles_at_frames(subtitle_path: str, frame_count: int, fps: float, num_fr
             texts.append(found[0])
     return "\n".join(texts)
 
-
-def iter_dirs(root: str) -> Iterator[str]:
-    """Immediate sub-directories of root, sorted."""
-    for name in sorted(os.listdir(root)):
-        if os.path.isdir(os.path.join(root, name)):
-            yield name

@@ -110,7 +110,7 @@ def _leave_one_out_accuracy(prediction: str, references: Sequence[str]) -> float
 
 def vqa_accuracy(prediction: str, answers: Sequence[str], task: str | None = None) -> float:
     """VQA accuracy of one prediction against the (usually 10) human answers; see the module docstring."""
-    rule = _rule(task, "vqa_accuracy", {"textvqa": "textvqa", "vizwiz": "textvqa", "vqav2": "vqav2"}, "textvqa")
+    rule = _rule(task, "vqa_accuracy", {"textvqa": "textvqa", "vqav2": "vqav2"}, "textvqa")
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
     pred = normalize_vqa_answer(prediction)

@@ -135,7 +135,8 @@ def write_benchmarks(root: str) -> list[str]:
         "What eats grass?": {"abcLabel": False, "answerTexts": ["lion", "cow", "hawk", "snake"], "correctAnswer": 1,
                              "questionId": "10.png-1"}}})
     _json(r("ai2d", "questions", "2.png.json"), {"imageName": "2.png", "questions": {
-        "Train question?": {"abcLabel": False, "answerTexts": ["x", "y"], "correctAnswer": 0, "questionId": "2.png-0"}}})
+        "Train question?": {"abcLabel": False, "answerTexts": ["x", "y"], "correctAnswer": 0,
+                            "questionId": "2.png-0"}}})
     _json(r("ai2d", "questions", "4.png.json"), {"imageName": "4.png", "questions": {
         "What is the outer layer?": {"abcLabel": False, "answerTexts": ["crust", "mantle", "core"], "correctAnswer": 0,
                                      "questionId": "4.png-0"}}})

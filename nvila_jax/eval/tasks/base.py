@@ -50,7 +50,6 @@ class Task:
     default_dir: ClassVar[str]  # the benchmark's directory under --data-root
     options: ClassVar[dict[str, Option]] = {}
     summary_metrics: ClassVar[tuple[str, ...]] = ()  # secondary metrics shown in the summary table
-    video: ClassVar[bool] = False
 
     common_options: ClassVar[dict[str, Option]] = {
         "dir": Option(str, None, "the benchmark's directory, relative to --data-root (or absolute)"),

@@ -29,7 +29,7 @@ class JSONLTask(Task):
     max_new_tokens = 32
     default_dir = "."
     options = {
-        "file": Option(str, None, "the JSON-lines file, relative to --data-root (or absolute)"),
+        "file": Option(str, None, "the JSON-lines file, relative to --data-root (or dir=) or absolute"),
         "metric": Option(str, "auto", "choice | exact (normalised exact match) | vqa | anls | relaxed | yes_no; "
                                       "auto = choice when a question has options, else exact"),
         "post_prompt": Option(str, None, "text appended to every question, \\n for a newline (default: the "
@@ -46,7 +46,7 @@ class JSONLTask(Task):
         self.metric = _METRIC_NAMES[self.opts["metric"]]
 
     def load(self, data_root: str, default_num_frames: int) -> list[Sample]:
-        path = os.path.join(data_root, self.opts["file"])
+        path = os.path.join(data_root, self.opts["dir"] or self.default_dir, self.opts["file"])
         base = os.path.dirname(path)
         samples = []
         for n, row in enumerate(read_jsonl(path), 1):

@@ -69,7 +69,8 @@ class TextVQA(Task):
 
 class VQAv2(Task):
     name = "vqav2"
-    description = "VQAv2 (v2_OpenEnded_mscoco_<split>_questions.json + v2_mscoco_<split>_annotations.json), VQA accuracy"
+    description = ("VQAv2 (v2_OpenEnded_mscoco_<split>_questions.json + v2_mscoco_<split>_annotations.json), "
+                   "VQA accuracy")
     metric = "VQA accuracy"
     max_new_tokens = 16
     default_dir = "vqav2"

@@ -30,7 +30,6 @@ class VideoMME(Task):
     summary_metrics = ("accuracy_short", "accuracy_medium", "accuracy_long")
     max_new_tokens = 16
     default_dir = "videomme"
-    video = True
     subtitles = False
     options = {"frames": Option(int, None, "frames per video (default: the model's num_video_frames)"),
                "file": Option(str, None, "question table (default: the first videomme/test-*.parquet|jsonl|json)"),
@@ -103,7 +102,6 @@ class EgoSchema(Task):
     metric = "accuracy"
     max_new_tokens = 16
     default_dir = "egoschema"
-    video = True
     options = {"frames": Option(int, None, "frames per video (default: the model's num_video_frames)"),
                "videos": Option(str, "videos", "video directory (<q_uid>.mp4 or <q_uid>/ of frames)")}
 

@@ -110,7 +110,8 @@ def test_command_line_run_interrupted_and_resumed(checkpoint, data_root, tmp_pat
     with open(tmp_path / "clean" / task.key / "results.json") as f:
         clean = json.load(f)
     assert clean["model"]["checkpoint"] == os.path.abspath(checkpoint) and clean["complete"]
-    assert clean["model"]["checkpoint_manifest"]["format"].startswith("nvila_jax.checkpoint")
+    manifest = clean["model"]["checkpoint_manifest"]
+    assert manifest["format"].startswith("nvila_jax.checkpoint") and manifest["files"]  # source checksums
     assert clean["throughput"]["generated"] == 2
 
     with pytest.raises(RuntimeError, match="injected failure"):

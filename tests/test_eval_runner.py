@@ -213,7 +213,7 @@ from test_eval_runner import Scripted
 from nvila_jax.eval import evaluate, make_task
 scripted = Scripted({root!r})
 def slow(requests):
-    time.sleep(0.3)
+    time.sleep(0.5)
     return scripted(requests)
 print("ready", flush=True)
 evaluate(slow, [make_task("mme"), make_task("pope")], data_root={root!r}, out={out!r},
@@ -325,3 +325,15 @@ def test_two_processes_share_the_samples(data_root, tmp_path):
         assert read_results(out, key)["score"] == single[key]["score"]
         one = (tmp_path / "one" / key / "predictions.jsonl").read_text()
         assert (out / key / "predictions.jsonl").read_text() == one
+
+
+def test_model_fingerprint_ignores_location_and_conversion_time():
+    from nvila_jax.eval.runner import with_fingerprint
+
+    def info(path, created, config):
+        return {"name": "m", "config_sha256": config, "parameters": 10, "checkpoint": path,
+                "checkpoint_manifest": {"files": {"llm/model.safetensors": "ab12"}, "created": created}}
+
+    a, b, c = info("/a", "t1", "1"), info("/b", "t2", "1"), info("/a", "t1", "2")
+    assert with_fingerprint(a)["fingerprint"] == with_fingerprint(b)["fingerprint"]
+    assert with_fingerprint(a)["fingerprint"] != with_fingerprint(c)["fingerprint"]

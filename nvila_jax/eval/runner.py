@@ -64,13 +64,18 @@ def model_manifest(model: Any, model_dir: str | None = None) -> dict[str, Any]:
         manifest = os.path.join(model_dir, "manifest.json")
         if os.path.isfile(manifest):
             with open(manifest, encoding="utf-8") as f:
-                info["checkpoint_manifest"] = json.load(f)
+                # the per-tensor layout kept for export is left out: the source checksums identify it
+                info["checkpoint_manifest"] = {k: v for k, v in json.load(f).items() if k != "tensor_files"}
     return with_fingerprint(info)
 
 
 def with_fingerprint(info: dict[str, Any]) -> dict[str, Any]:
-    """`info` plus a fingerprint of everything in it except the checkpoint's location."""
+    """`info` plus a fingerprint of what identifies the model: not where the checkpoint lies nor when it was
+    converted."""
     identity = {k: v for k, v in info.items() if k not in ("checkpoint", "fingerprint")}
+    if isinstance(identity.get("checkpoint_manifest"), dict):
+        identity["checkpoint_manifest"] = {k: v for k, v in identity["checkpoint_manifest"].items()
+                                           if k not in ("created", "created_by")}
     return {**info, "fingerprint": _sha256(json.dumps(identity, sort_keys=True, default=str))}
 
 

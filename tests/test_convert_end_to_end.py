@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -21,6 +22,7 @@ from helpers.official_checkpoint import official_reference, write_official_check
 from helpers.torch_nvila import random_image, video_frames
 from nvila_jax.checkpoint import restore_params
 from nvila_jax.config import MediaEncoderConfig, ProjectorConfig
+from nvila_jax.model import NVILAModel
 from nvila_jax.variants import tiny, tiny_lite
 
 TOL = 1e-4
@@ -110,6 +112,22 @@ def test_media_tokens_are_added_in_the_official_order_and_masked(converted):
     np.testing.assert_array_equal(emb[:387], ref.llm.model.embed_tokens.weight.detach().numpy()[:387])
     # the stop tokens come from the template with the added sentinel, like the official loader
     assert model.tokenizer.stop_token_ids == (386,)
+
+
+def test_generation_never_produces_the_never_trained_ids(converted):
+    """Padded rows made to win every step: generation still skips them (and would not without the list)."""
+    _, _, dst = converted("nvila-slow-no-media-tokens")
+    loaded = nvila_jax.load_pretrained(dst)
+    params = jax.tree_util.tree_map(lambda x: x, loaded.params)
+    u = jax.random.normal(jax.random.key(0), (64,))  # ids 387 / 388 score +-1000 (h . u): one of them wins
+    params["llm"]["lm_head"]["kernel"] = params["llm"]["lm_head"]["kernel"].at[:, 387].set(1000 * u).at[:, 388].set(
+        -1000 * u)
+    image = [random_image(90, 70, 7)]
+    masked = NVILAModel(loaded.config, params, loaded.tokenizer, suppressed_token_ids=loaded.suppressed_token_ids)
+    unmasked = NVILAModel(loaded.config, params, loaded.tokenizer)
+    for kw in (dict(), dict(temperature=1.0, seed=3)):
+        assert not set(masked.generate_ids(QUESTION, image, max_new_tokens=6, **kw)) & {387, 388, 389}
+        assert set(unmasked.generate_ids(QUESTION, image, max_new_tokens=6, **kw)) & {387, 388, 389}
 
 
 def test_manifest_records_source_checksums_and_counts(converted):

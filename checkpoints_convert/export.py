@@ -30,7 +30,7 @@ from checkpoints_convert.safetensors_io import DTYPE_NAMES, DTYPES, StreamingWri
 from checkpoints_convert.source import INDEX_FILE
 from checkpoints_convert.validate import VOCAB_KEYS
 from nvila_jax.checkpoint import (
-    EXTRAS_FILE, MANIFEST_FILE, PARAMS_DIR, SOURCE_DIR, TOKENIZER_DIR, atomic_directory, read_config, read_json)
+    EXTRAS_FILE, GENERATION_CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR, SOURCE_DIR, TOKENIZER_DIR, atomic_directory, read_config, read_json)
 
 SHARD_BYTES = 5 * 1024**3
 
@@ -147,6 +147,9 @@ def _write_configs(cfg, src: str, out: str, files: list[dict]) -> None:
         _write_json(os.path.join(out, "llm", INDEX_FILE), {"metadata": {"total_size": total},
                                                           "weight_map": dict(sorted(weight_map.items()))})
     _copy_tree(os.path.join(src, TOKENIZER_DIR), os.path.join(out, "llm"))
+    generation = read_json(src, GENERATION_CONFIG_FILE)
+    if generation:  # suppress_tokens included: transformers' generation honours it too
+        _write_json(os.path.join(out, "llm", GENERATION_CONFIG_FILE), generation)
 
 
 def _copy_tree(src: str, dst: str) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -92,6 +93,29 @@ def test_export_gives_the_official_checkpoint_back_bit_exact(name, converted, tm
                 np.testing.assert_array_equal(a[k], b[k], err_msg=f"{rel} {k}")
         # every file, tensors included, is byte-identical (header layout, metadata, configs, tokenizer files)
         assert _sha(os.path.join(src, rel)) == _sha(os.path.join(out, rel)), rel
+
+
+def test_checkpoint_without_a_source_record_exports_from_its_config(converted, tmp_path):
+    """No manifest / source files (e.g. parameters saved by training): the official layout is written from the
+    config, and converting it again gives the same parameters, tokenizer and scores."""
+    _, _, dst = converted("lite-fast")
+    bare = tmp_path / "bare"
+    shutil.copytree(dst, bare)
+    os.remove(bare / "manifest.json")
+    shutil.rmtree(bare / "source")
+    export(str(bare), str(tmp_path / "official"), progress=False)
+    files = sorted(_files(tmp_path / "official"))
+    assert "config.json" in files and "llm/config.json" in files and "llm/tokenizer.json" in files
+    assert [f for f in files if f.endswith(".safetensors")] == [
+        "llm/model.safetensors", "mm_projector/model.safetensors", "vision_tower/model.safetensors"]
+    convert(str(tmp_path / "official"), str(tmp_path / "again"), dtype="float32", progress=False)
+    a, b = restore_params(dst), restore_params(tmp_path / "again")
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    first, second = nvila_jax.load_pretrained(dst), nvila_jax.load_pretrained(tmp_path / "again")
+    assert second.config == dataclasses.replace(first.config, name="official")
+    assert first.tokenizer.encode("<image>\nHi 123") == second.tokenizer.encode("<image>\nHi 123")
 
 
 def test_media_tokens_are_added_in_the_official_order_and_masked(converted):

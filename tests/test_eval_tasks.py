@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import PIL.Image
 import pytest
 
 from helpers.eval_data import write_benchmarks, write_mp4
@@ -49,7 +50,7 @@ def test_short_answer_prompts(data_root):
     assert vq["42000"].target["answers"] == ["2"] * 6 + ["two"] * 3 + ["3"]
     doc = load("docvqa", data_root)
     assert doc["49153"].prompt == "What is the ‘actual’ value per 1000, during the year 1975?" + SHORT
-    assert doc["49153"].images[0].endswith("docvqa/documents/pybv0228_81.png")
+    assert doc["49153"].images[0].endswith("docvqa/spdocvqa_images/pybv0228_81.png")
     chart = load("chartqa", data_root)
     assert set(chart) == {"human/0", "augmented/0", "augmented/1"}
     assert chart["augmented/1"].target == {"answer": "No", "split": "augmented"}
@@ -180,3 +181,19 @@ def test_eval_suites_load_and_name_valid_tasks(tmp_path):
                                      "    return ml_collections.ConfigDict({'tasks': 'gqa', 'batchsize': 2})\n")
     with pytest.raises(ValueError, match="unknown field.*batchsize"):
         load_suite(str(tmp_path / "bad.py"))
+
+
+def test_docvqa_older_release_layout(tmp_path):
+    """val.tar.gz of the first DocVQA release: val/val_v1.0.json with images under val/documents/."""
+    (tmp_path / "docvqa" / "val" / "documents").mkdir(parents=True)
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "docvqa" / "val" / "documents" / "a.png")
+    (tmp_path / "docvqa" / "val" / "val_v1.0.json").write_text(json.dumps({"data": [
+        {"questionId": 7, "question": "Date?", "image": "documents/a.png", "answers": ["1999"]}]}))
+    (sample,) = make_task("docvqa").load(str(tmp_path), 8)
+    assert sample.images == (str(tmp_path / "docvqa" / "val" / "documents" / "a.png"),)
+    (tmp_path / "docvqa" / "val" / "documents" / "a.png").unlink()
+    with pytest.raises(DataError, match="image documents/a.png not found in .*set images=DIR"):
+        make_task("docvqa").load(str(tmp_path), 8)
+    with pytest.raises(DataError, match="no infovqa annotation file .looked for infographicsvqa_qas/"):
+        (tmp_path / "infovqa").mkdir()
+        make_task("infovqa").load(str(tmp_path), 8)

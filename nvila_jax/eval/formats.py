@@ -67,6 +67,14 @@ def read_table(path: str) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def first_existing(root: str, candidates: tuple[str, ...], what: str) -> str:
+    """The first of `candidates` (paths relative to root) that exists, or an error listing them all."""
+    for candidate in candidates:
+        if os.path.exists(os.path.join(root, candidate)):
+            return candidate
+    raise DataError(f"{root}: no {what} (looked for {', '.join(candidates)})")
+
+
 def find_files(root: str, pattern: str, what: str) -> list[str]:
     """Sorted files matching a glob pattern under root (recursive), or a clear error."""
     found = sorted(glob.glob(os.path.join(root, pattern), recursive=True))

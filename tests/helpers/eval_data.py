@@ -99,15 +99,16 @@ def write_benchmarks(root: str) -> list[str]:
     _image(r("vqav2", "val2014", "COCO_val2014_000000000042.jpg"), "blue")
     _image(r("vqav2", "val2014", "COCO_val2014_000000000073.jpg"), "white")
 
-    # DocVQA / InfoVQA: {"data": [...]} with questionId and answers
-    _json(r("docvqa", "val_v1.0.json"), {"dataset_split": "val", "data": [
+    # DocVQA / InfoVQA: {"data": [...]} with questionId and answers (the current releases' *_qas/ and *_images/
+    # folders; DocVQA's "image" field keeps the old "documents/" prefix)
+    _json(r("docvqa", "spdocvqa_qas", "val_v1.0_withQT.json"), {"dataset_split": "val", "data": [
         {"questionId": 49153, "question": "What is the ‘actual’ value per 1000, during the year 1975?",
          "image": "documents/pybv0228_81.png", "docId": 14465, "answers": ["0.28"]},
         {"questionId": 24580, "question": "What is the name of the company?", "image": "documents/xnbl0037_1.png",
          "docId": 1, "answers": ["ITC Limited", "itc limited"]}]})
-    _image(r("docvqa", "documents", "pybv0228_81.png"), "white")
-    _image(r("docvqa", "documents", "xnbl0037_1.png"), "yellow")
-    _json(r("infovqa", "infographicsVQA_val_v1.0.json"), {"data": [
+    _image(r("docvqa", "spdocvqa_images", "pybv0228_81.png"), "white")
+    _image(r("docvqa", "spdocvqa_images", "xnbl0037_1.png"), "yellow")
+    _json(r("infovqa", "infographicsvqa_qas", "infographicsVQA_val_v1.0_withQT.json"), {"data": [
         {"questionId": 65718, "question": "Which country has the most cases?", "image_local_name": "38118.jpeg",
          "answers": ["USA", "united states"]},
         {"questionId": 65719, "question": "What percentage use email?", "image_local_name": "38119.jpeg",

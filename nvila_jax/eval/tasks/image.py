@@ -11,7 +11,16 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from nvila_jax.eval import metrics
-from nvila_jax.eval.formats import DataError, find_files, read_json, read_jsonl, read_table, require_file, require_keys
+from nvila_jax.eval.formats import (
+    DataError,
+    find_files,
+    first_existing,
+    read_json,
+    read_jsonl,
+    read_table,
+    require_file,
+    require_keys,
+)
 from nvila_jax.eval.tasks.base import (
     LETTER_ANSWER,
     SHORT_ANSWER,
@@ -103,24 +112,30 @@ class VQAv2(Task):
 
 
 class _ANLSTask(Task):
+    """DocVQA-style {"data": [...]} annotations; without file= the first of `files` found is read. Images
+    are looked up in `image_dirs` (relative to the task directory) by the listed path, then by file name."""
+
     metric = "ANLS"
     image_field: str
-    image_suffix = ""
+    files: tuple[str, ...]
+    image_dirs: tuple[str, ...]
 
     def load(self, data_root: str, default_num_frames: int) -> list[Sample]:
         d = self.directory(data_root)
-        path = os.path.join(d, self.opts["file"])
-        images = os.path.join(d, self.opts["images"])
+        path = os.path.join(d, self.opts["file"] or first_existing(d, self.files, f"{self.name} annotation file"))
+        dirs = [self.opts["images"]] if self.opts["images"] else [os.path.dirname(path), *self.image_dirs]
+        dirs = [os.path.join(d, x) for x in dirs]
         samples = []
         for row in _rows(read_json(path), path):
             where = f"{path}: question {row.get('questionId')}"
             require_keys(row, ("questionId", "question", self.image_field, "answers"), where)
-            samples.append(Sample(
-                id=str(row["questionId"]),
-                prompt=row["question"] + SHORT_ANSWER,
-                target={"answers": _answers(row, where)},
-                images=(image_path(images, row[self.image_field] + self.image_suffix, where),),
-            ))
+            name = row[self.image_field]
+            found = next((p for x in dirs for p in (os.path.join(x, name), os.path.join(x, os.path.basename(name)))
+                          if os.path.isfile(p)), None)
+            if found is None:
+                raise DataError(f"{where}: image {name} not found in {', '.join(dirs)} (set images=DIR)")
+            samples.append(Sample(id=str(row["questionId"]), prompt=row["question"] + SHORT_ANSWER,
+                                  target={"answers": _answers(row, where)}, images=(os.path.normpath(found),)))
         return check_unique(samples, path)
 
     def score(self, prediction: str, target: dict) -> dict:
@@ -129,22 +144,29 @@ class _ANLSTask(Task):
 
 class DocVQA(_ANLSTask):
     name = "docvqa"
-    description = "DocVQA val (val_v1.0.json, images under the paths it lists), ANLS"
+    description = "DocVQA val (spdocvqa_qas/val_v1.0_withQT.json or val/val_v1.0.json + the images it lists), ANLS"
     max_new_tokens = 32
     default_dir = "docvqa"
     image_field = "image"
-    options = {"file": Option(str, "val_v1.0.json", "annotation file (val_v1.0.json or val_v1.0_withQT.json)"),
-               "images": Option(str, ".", "directory the 'image' paths are relative to")}
+    files = ("spdocvqa_qas/val_v1.0_withQT.json", "val_v1.0_withQT.json", "val/val_v1.0.json", "val_v1.0.json")
+    image_dirs = ("spdocvqa_images", "val", ".")
+    options = {"file": Option(str, None, "annotation file (default: the first of " + ", ".join(files) + ")"),
+               "images": Option(str, None, "image directory (default: beside the annotation file, "
+                                           + ", ".join(image_dirs) + ")")}
 
 
 class InfoVQA(_ANLSTask):
     name = "infovqa"
-    description = "InfographicVQA val (infographicsVQA_val_v1.0.json + images), ANLS"
+    description = ("InfographicVQA val (infographicsvqa_qas/infographicsVQA_val_v1.0_withQT.json + "
+                   "infographicsvqa_images/), ANLS")
     max_new_tokens = 32
     default_dir = "infovqa"
     image_field = "image_local_name"
-    options = {"file": Option(str, "infographicsVQA_val_v1.0.json", "annotation file"),
-               "images": Option(str, "infographicsvqa_images", "image directory")}
+    files = ("infographicsvqa_qas/infographicsVQA_val_v1.0_withQT.json", "infographicsVQA_val_v1.0_withQT.json",
+             "infographicsVQA_val_v1.0.json")
+    image_dirs = ("infographicsvqa_images",)
+    options = {"file": Option(str, None, "annotation file (default: the first of " + ", ".join(files) + ")"),
+               "images": Option(str, None, "image directory (default: infographicsvqa_images)")}
 
 
 class ChartQA(Task):

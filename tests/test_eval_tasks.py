@@ -197,3 +197,20 @@ def test_docvqa_older_release_layout(tmp_path):
     with pytest.raises(DataError, match="no infovqa annotation file .looked for infographicsvqa_qas/"):
         (tmp_path / "infovqa").mkdir()
         make_task("infovqa").load(str(tmp_path), 8)
+
+
+def test_repository_layouts_of_gqa_and_pope(tmp_path):
+    (tmp_path / "gqa" / "questions1.2").mkdir(parents=True)
+    (tmp_path / "gqa" / "images").mkdir()
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "gqa" / "images" / "n1.jpg")
+    (tmp_path / "gqa" / "questions1.2" / "testdev_balanced_questions.json").write_text(json.dumps(
+        {"5": {"imageId": "n1", "question": "Is it red?", "answer": "no"}}))
+    assert [s.id for s in make_task("gqa").load(str(tmp_path), 8)] == ["5"]
+    (tmp_path / "pope" / "output" / "coco").mkdir(parents=True)
+    (tmp_path / "pope" / "val2014").mkdir()
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "pope" / "val2014" / "x.jpg")
+    (tmp_path / "pope" / "output" / "coco" / "coco_pope_random.json").write_text(
+        json.dumps({"question_id": 3, "image": "x.jpg", "text": "Is there a cat?", "label": "no"}) + "\n")
+    assert [s.id for s in make_task("pope[categories=random]").load(str(tmp_path), 8)] == ["random/3"]
+    with pytest.raises(DataError, match="no POPE popular file"):
+        make_task("pope").load(str(tmp_path), 8)

@@ -398,7 +398,10 @@ class POPE(Task):
         d = self.directory(data_root)
         samples = []
         for cat in self.opts["categories"].split("+"):
-            path = os.path.join(d, f"coco_pope_{cat}.json")
+            # the POPE repository keeps them in output/coco/
+            name = first_existing(d, (f"coco_pope_{cat}.json", f"output/coco/coco_pope_{cat}.json"),
+                                  f"POPE {cat} file")
+            path = os.path.join(d, name)
             for i, row in enumerate(read_jsonl(path, f"POPE {cat} file")):
                 where = f"{path}: line {i + 1}"
                 question = row.get("text", row.get("question"))
@@ -439,12 +442,13 @@ class GQA(Task):
     metric = "accuracy"
     max_new_tokens = 16
     default_dir = "gqa"
-    options = {"file": Option(str, "testdev_balanced_questions.json", "question file"),
+    files = ("testdev_balanced_questions.json", "questions1.2/testdev_balanced_questions.json")
+    options = {"file": Option(str, None, "question file (default: the first of " + ", ".join(files) + ")"),
                "images": Option(str, "images", "image directory")}
 
     def load(self, data_root: str, default_num_frames: int) -> list[Sample]:
         d = self.directory(data_root)
-        path = os.path.join(d, self.opts["file"])
+        path = os.path.join(d, self.opts["file"] or first_existing(d, self.files, "GQA question file"))
         questions = read_json(path)
         if not isinstance(questions, dict):
             raise DataError(f"{path}: expected a JSON object {{question id: question}}")

@@ -212,5 +212,5 @@ def test_repository_layouts_of_gqa_and_pope(tmp_path):
     (tmp_path / "pope" / "output" / "coco" / "coco_pope_random.json").write_text(
         json.dumps({"question_id": 3, "image": "x.jpg", "text": "Is there a cat?", "label": "no"}) + "\n")
     assert [s.id for s in make_task("pope[categories=random]").load(str(tmp_path), 8)] == ["random/3"]
-    with pytest.raises(DataError, match="no POPE popular file"):
+    with pytest.raises(DataError, match="no POPE adversarial file .looked for coco_pope_adversarial.json, output/coco/"):
         make_task("pope").load(str(tmp_path), 8)

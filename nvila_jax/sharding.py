@@ -239,6 +239,23 @@ def shard_params(params: Any, config: NVILAConfig, mesh: Mesh, rules: Rules = LO
         raise ValueError(f"parameters do not match the tree of a {config.name!r} model: {e}") from None
 
 
+def map_opt_state(tx: Any, opt_state: Any, param_tree: Any, other: Any) -> Any:
+    """An optax state's tree with every parameter-shaped entry (Adam's moments) replaced by the matching leaf
+    of `param_tree` (a sharding or spec per parameter) and every other leaf (step counts) by `other`."""
+    import optax
+
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # entries of masked-out (frozen / no-decay) leaves
+    return optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, opt_state, param_tree,
+                                 transform_non_params=lambda _: other,
+                                 is_leaf=lambda x: masked(x) or isinstance(x, (NamedSharding, PartitionSpec)))
+
+
+def opt_state_shardings(tx: Any, opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings of an optax state (or its abstract shape): moments split like their parameters, the rest
+    replicated."""
+    return map_opt_state(tx, opt_state, param_shardings, replicated(mesh))
+
+
 # ---------------------------------------------------------------------------------------------- KV cache
 KV_CACHE_AXES = ("layers", "batch", "kv_length", "kv_heads", "head_dim")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -84,14 +85,12 @@ def _streamed(plan: ConversionPlan, p: ParamSource, dtype: np.dtype, progress: P
     cfg = plan.source_config
     layer_shape = p.shape[1:] if p.stacked else p.shape
     axis = row_axis(p.rule.transform)
-    ref = p.refs[0]
-    rows_out = layer_shape[axis] if axis is not None else None
-    row_bytes = (int(np.prod(layer_shape)) // rows_out) * max(dtype.itemsize, ref.np_dtype.itemsize) if axis is not \
-        None and rows_out else 0
-    if axis is None or (p.source_rows is None and row_bytes * rows_out <= BLOCK_BYTES):
-        step = rows_out = None  # the whole tensor at once
-    else:
-        step = max(1, BLOCK_BYTES // max(1, row_bytes))
+    step = None  # official rows per block; None: each (layer's) tensor at once
+    if axis is not None:
+        rows_out = layer_shape[axis]
+        row_bytes = math.prod(layer_shape) // max(1, rows_out) * max(dtype.itemsize, p.refs[0].np_dtype.itemsize)
+        if p.source_rows is not None or rows_out * row_bytes > BLOCK_BYTES:
+            step = max(1, BLOCK_BYTES // max(1, row_bytes))
     block_shape = list(layer_shape)
     if step is not None:
         block_shape[axis] = min(step, rows_out)

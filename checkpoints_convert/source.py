@@ -39,9 +39,6 @@ class SourceCheckpoint:
     unlisted_keys: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # known from an index
     unlisted_components: set[str] = dataclasses.field(default_factory=set)  # no index: any key may be there
 
-    def is_unlisted(self, component: str, key: str) -> bool:
-        return component in self.unlisted_components or (component, key) in self.unlisted_keys
-
     def relpath(self, path: str) -> str:
         return os.path.relpath(path, self.root)
 
@@ -56,6 +53,10 @@ def read_source(root: str) -> SourceCheckpoint:
     if not os.listdir(root):
         src.problems.append(f"{root}: the directory is empty; expected an official NVILA checkpoint "
                             "(config.json + llm/ + vision_tower/ + mm_projector/)")
+        return src
+    if os.path.isdir(os.path.join(root, "params")) and os.path.isfile(os.path.join(root, "manifest.json")):
+        src.problems.append(f"{root}: already an nvila_jax checkpoint; load it with nvila_jax.load_pretrained, or "
+                            "write the official layout back with `nvila-jax export`")
         return src
     top = os.path.join(root, "config.json")
     if not os.path.isfile(top):
@@ -75,6 +76,7 @@ def read_source(root: str) -> SourceCheckpoint:
             d = os.path.join(root, component)
             if not os.path.isdir(d):
                 src.problems.append(f"{d}: missing component directory {component}/")
+                src.unlisted_components.add(component)
                 continue
             _scan_dir(src, d, component)
     else:
@@ -107,6 +109,7 @@ def _scan_dir(src: SourceCheckpoint, directory: str, component: str) -> None:
                 "save_pretrained(..., safe_serialization=True)")
         else:
             src.problems.append(f"{where}: no *.safetensors weight files")
+        _unlisted(src, component, None, "")
         return
     for path in files:
         try:

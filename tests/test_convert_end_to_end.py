@@ -203,7 +203,7 @@ def test_streamed_blocks_give_the_same_parameters(make_reference, tmp_path, monk
     ref, _ = make_reference(tiny())
     src = write_official_checkpoint(ref, tmp_path / "official", tokenizer="slow", media_tokens=False)
     convert(src, str(tmp_path / "whole"), dtype="float32", progress=False)
-    monkeypatch.setattr(convert_module, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(convert_module, "BLOCK_BYTES", 8192)
     convert(src, str(tmp_path / "blocks"), dtype="float32", progress=False)
     a, b = restore_params(tmp_path / "whole"), restore_params(tmp_path / "blocks")
     for x, y in zip(_leaves(a), _leaves(b)):

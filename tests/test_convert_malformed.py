@@ -170,6 +170,8 @@ def test_malformed_checkpoint_names_the_problem_and_writes_nothing(breakage, ckp
     for phrase in CASES[breakage]:
         assert phrase in message, f"{phrase!r} not in:\n{message}"
     assert "nothing was written" in message
+    if breakage in (bin_only, missing_component, truncated_file, missing_shard, unreadable_file):
+        assert "missing tensor" not in message  # the unreadable tensors are that file's problem, named once
     assert not dst.parent.exists() or not os.listdir(dst.parent)
 
 
@@ -201,6 +203,23 @@ def test_media_token_id_in_config_contradicting_the_tokenizer(make_reference, tm
         convert(src, str(tmp_path / "converted"), progress=False)
     assert err.value.problems == ["the config's video_token_id is 7 but the tokenizer's <vila/video> is 389"]
     assert not (tmp_path / "converted").exists()
+
+
+def test_an_nvila_jax_checkpoint_is_not_converted_again(official, tmp_path):
+    convert(str(official), str(tmp_path / "converted"), progress=False)
+    with pytest.raises(CheckpointError, match="already an nvila_jax checkpoint; load it with "
+                                              "nvila_jax.load_pretrained"):
+        convert(str(tmp_path / "converted"), str(tmp_path / "again"), progress=False)
+    assert not (tmp_path / "again").exists()
+
+
+def test_load_pretrained_on_an_official_checkpoint_says_to_convert_it(official):
+    import nvila_jax
+    from nvila_jax.checkpoint import CheckpointFormatError
+
+    with pytest.raises(CheckpointFormatError, match="missing params, tokenizer .*convert it first with `nvila-jax "
+                                                    "convert SRC DST`"):
+        nvila_jax.load_pretrained(official)
 
 
 def test_existing_destination_needs_force(official, tmp_path, capsys):

@@ -44,8 +44,8 @@ def export(src: str, dst: str, force: bool = False, progress: bool = True) -> li
     arrays = open_arrays(os.path.join(os.path.abspath(src), PARAMS_DIR))
     extras_path = os.path.join(src, EXTRAS_FILE)
     extras = read_header(extras_path).tensors if os.path.isfile(extras_path) else {}
-    rows = (manifest.get("vocab") or {}).get("source_rows")
-    recorded = manifest.get("tensor_files") and os.path.isdir(os.path.join(src, SOURCE_DIR))
+    recorded = bool(manifest.get("tensor_files")) and os.path.isdir(os.path.join(src, SOURCE_DIR))
+    rows = (manifest.get("vocab") or {}).get("source_rows") if recorded else None  # vocabulary cut back
     files = _recorded_files(manifest) if recorded else _files_from_config(cfg, arrays, extras)
     total = sum(math.prod(shape) * DTYPES[dt].itemsize for f in files for _, dt, shape in f["tensors"])
     written = []

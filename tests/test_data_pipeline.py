@@ -165,3 +165,22 @@ def test_packed_iterator_state_restores_exactly(shapes):
             for key in want.arrays:
                 np.testing.assert_array_equal(want.arrays[key], got.arrays[key])
         it = again
+
+
+@pytest.mark.slow
+def test_worker_processes_restore_exactly(shapes):
+    """With decode + packing in grain worker processes the iterator state (all workers') restores exactly."""
+    mix = load_mixture([{"name": "s", "path": shapes}])
+    ds = build_pipeline(mix, CFG, "tiny", OPTS, PACK, seed=0, num_workers=2)
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(3)]
+    it.close()
+    again = iter(ds)
+    again.set_state(state)
+    for want, got in zip(expected, (next(again) for _ in range(3))):
+        np.testing.assert_array_equal(want.sources, got.sources)
+        np.testing.assert_array_equal(want.arrays["input_ids"], got.arrays["input_ids"])
+    again.close()

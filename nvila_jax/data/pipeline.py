@@ -63,6 +63,10 @@ def build_pipeline(
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(4, 2 * read_threads)))
     it = PackIterDataset(it, VisualGeometry.from_config(model_config), packing)
     if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; use their defaults
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
     return it
 

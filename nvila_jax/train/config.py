@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from nvila_jax.config import NVILAConfig
+from nvila_jax.config import ConfigError, NVILAConfig
 from nvila_jax.variants import get_variant
 
 
@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "tiny"  # a variant name (nvila_jax.variants.VARIANTS)
     c.model_overrides = ml_collections.ConfigDict()  # NVILAConfig fields to replace, nested for sub-configs
-    c.tokenizer = "tiny"  # "tiny" (built in) or a tokenizer directory
+    c.tokenizer = "tiny"  # "tiny" (built in), a tokenizer directory, or "" for init_from's tokenizer
     c.init_from = ""  # "": random init; a training workdir (its latest params) or an nvila_jax model directory
     c.trainable = ("vision_tower", "projector", "llm")
     c.seed = 0
@@ -117,7 +117,7 @@ def _parse(key: str, raw: str, current: Any) -> Any:
     if isinstance(current, ml_collections.ConfigDict):
         if not isinstance(value, dict):
             raise RunConfigError(f"--config.{key}={raw}: expected a dict")
-        value = ml_collections.ConfigDict(value)
+        value = ml_collections.ConfigDict(_merged(current.to_dict(), value))  # merged into the existing dict
     elif isinstance(current, (tuple, list)):
         value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
     elif isinstance(current, float) and isinstance(value, int):
@@ -127,13 +127,23 @@ def _parse(key: str, raw: str, current: Any) -> Any:
     return value
 
 
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def model_config(cfg: ml_collections.ConfigDict) -> NVILAConfig:
     """The run's NVILAConfig: the named variant with `model_overrides` applied (nested for sub-configs)."""
     try:
         base = get_variant(cfg.model)
     except KeyError as e:
         raise RunConfigError(f"config.model: {e.args[0]}") from None
-    return _replace(base, cfg.model_overrides.to_dict(), "model_overrides")
+    try:
+        return _replace(base, cfg.model_overrides.to_dict(), "model_overrides")
+    except ConfigError as e:
+        raise RunConfigError(f"config.model_overrides: {e}") from None
 
 
 def _replace(obj: Any, changes: dict, where: str) -> Any:
@@ -176,4 +186,35 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.save_every = 100
     c.keep_checkpoints = 2
     c.log_every = 10
+    return c
+
+
+def stage_config(*, model: str, init_from: str, trainable: Sequence[str], learning_rate: float,
+                 max_grad_norm: float, seq_len: int, accumulation: int, tile_buckets: Sequence[int],
+                 mixture: str, num_train_steps: int) -> ml_collections.ConfigDict:
+    """A stage of the reference recipe (NVILA_REFERENCE.md §7): bf16 compute with float32 master weights,
+    AdamW with the HF defaults and no weight decay, 3% warmup + cosine, full remat (the reference's gradient
+    checkpointing), one packed row of `seq_len` tokens per device micro-batch."""
+    c = base_config()
+    c.model = model
+    c.tokenizer = ""  # the tokenizer of init_from
+    c.init_from = init_from
+    c.trainable = tuple(trainable)
+    c.learning_rate = learning_rate
+    c.max_grad_norm = max_grad_norm
+    c.warmup_ratio = 0.03
+    c.weight_decay = 0.0
+    c.compute_dtype = "bfloat16"
+    c.remat = "full"
+    c.loss_chunk = 1024
+    c.num_train_steps = num_train_steps
+    c.data.mixture = mixture
+    c.data.rows_per_batch = 1
+    c.data.seq_len = seq_len
+    c.data.accumulation = accumulation
+    c.data.tile_buckets = tuple(tile_buckets)
+    c.data.num_workers = 8
+    c.data.read_threads = 4
+    c.save_every = 500
+    c.keep_checkpoints = 3
     return c

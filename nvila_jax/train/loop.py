@@ -55,8 +55,19 @@ class RunSetup:
         return VisualGeometry.from_config(self.model_config)
 
 
+def tokenizer_spec(cfg: ml_collections.ConfigDict) -> str:
+    """config.tokenizer, or when empty the tokenizer of init_from (a model directory or a run's model/)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if not cfg.init_from:
+        raise RunConfigError("config.tokenizer is empty and there is no init_from to take the tokenizer from")
+    run_model = os.path.join(cfg.init_from, MODEL_DIR)
+    return os.path.join(run_model if os.path.isdir(run_model) else cfg.init_from, "tokenizer")
+
+
 def setup_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunSetup:
     mcfg = model_config(cfg)
+    cfg.tokenizer = tokenizer_spec(cfg)
     tok = load_tokenizer(cfg.tokenizer)
     if (mcfg.image_token_id, mcfg.video_token_id) != (tok.image_token_id, tok.video_token_id):
         raise RunConfigError(f"the tokenizer's media token ids {(tok.image_token_id, tok.video_token_id)} differ from "

@@ -256,6 +256,32 @@ def opt_state_shardings(tx: Any, opt_state: Any, param_shardings: Any, mesh: Mes
     return map_opt_state(tx, opt_state, param_shardings, replicated(mesh))
 
 
+def train_state_shardings(state: Any, config: NVILAConfig, mesh: Mesh, tx: Any,
+                          rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """Shardings of a train state (nvila_jax.train.step.TrainState or its abstract shape): parameters by the
+    rules table, optimizer moments like their parameters, the rest (step, RNG) replicated."""
+    params = param_shardings(config, mesh, rules)
+    rest = jax.tree.map(lambda _: replicated(mesh), state)
+    return rest.replace(params=params, opt_state=opt_state_shardings(tx, state.opt_state, params, mesh))
+
+
+def step_batch_shardings(mesh: Mesh, arrays: Mapping[str, Any], rules: Rules = LOGICAL_AXIS_RULES
+                         ) -> dict[str, NamedSharding]:
+    """Shardings of a training step's arrays [accumulation, ...] (nvila_jax.data.packing): token arrays
+    split over rows, tiles over the tiles axis (as the train step constrains them), the small visual-plan
+    arrays whole."""
+    from nvila_jax.train.step import TOKEN_KEYS
+
+    def names(key: str, ndim: int) -> tuple[str | None, ...]:
+        if key in TOKEN_KEYS:
+            return (None, "batch", "length")
+        if key == "tiles":
+            return (None, "tiles") + (None,) * (ndim - 2)
+        return (None,) * ndim
+
+    return {k: logical_sharding(mesh, names(k, len(a.shape)), a.shape, rules) for k, a in arrays.items()}
+
+
 # ---------------------------------------------------------------------------------------------- KV cache
 KV_CACHE_AXES = ("layers", "batch", "kv_length", "kv_heads", "head_dim")
 

@@ -43,18 +43,6 @@ def one_step_batch(cfg, workdir: str) -> dict[str, np.ndarray]:
     return next(it).arrays
 
 
-def batch_logical_axes(name: str, ndim: int) -> tuple:
-    """Logical axes of a step-batch array [accumulation, ...]: token arrays over rows, tiles over tiles, the
-    small visual-plan arrays whole."""
-    from nvila_jax.train.step import TOKEN_KEYS
-
-    if name in TOKEN_KEYS:
-        return (None, "batch", "length")
-    if name == "tiles":
-        return (None, "tiles") + (None,) * (ndim - 2)
-    return (None,) * ndim
-
-
 def make_step(cfg):
     """(optimizer, train step) for the whole model. Adam's eps = 1: its first steps are then ~lr * g rather
     than ~lr * sign(g), which would turn rounding-level differences of near-zero gradients into lr-sized
@@ -78,15 +66,13 @@ def sharded_step(cfg, tx, step, params, mesh, batch):
     import jax
 
     from nvila_jax import sharding
-    from nvila_jax.train.step import TrainState, init_train_state
+    from nvila_jax.train.step import init_train_state
 
-    psh = sharding.param_shardings(cfg, mesh)
     state = init_train_state(params, tx, 0)
-    rep = sharding.replicated(mesh)
-    ssh = TrainState(step=rep, params=psh, opt_state=sharding.opt_state_shardings(tx, state.opt_state, psh, mesh),
-                     rng=rep)
-    bsh = {k: sharding.logical_sharding(mesh, batch_logical_axes(k, v.ndim), v.shape) for k, v in batch.items()}
-    step_fn = jax.jit(step, in_shardings=(ssh, bsh), out_shardings=(ssh, rep), donate_argnums=0)
+    ssh = sharding.train_state_shardings(state, cfg, mesh, tx)
+    bsh = sharding.step_batch_shardings(mesh, batch)
+    step_fn = jax.jit(step, in_shardings=(ssh, bsh), out_shardings=(ssh, sharding.replicated(mesh)),
+                      donate_argnums=0)
     return jax.device_put(state, ssh), step_fn, jax.device_put(batch, bsh)
 
 

@@ -218,3 +218,25 @@ def test_memory_plan_command(capsys):
     assert "KV cache" in capsys.readouterr().out
     assert main(["memory-plan", "--model", "tiny", "--devices", "6", "--mesh", "data=4,fsdp=-1"]) == 2
     assert "not divisible by 4" in capsys.readouterr().err
+
+
+def test_train_state_and_step_batch_shardings():
+    import optax
+
+    from nvila_jax.train.step import init_train_state
+
+    cfg = mesh_test_config()
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tx = optax.adamw(1e-3)
+    state = jax.eval_shape(lambda: init_train_state(sharding.abstract_params(cfg), tx, 0))
+    got = sharding.train_state_shardings(state, cfg, mesh, tx)
+    assert got.params["llm"]["layers"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
+    assert got.opt_state[0].mu["llm"]["embed_tokens"]["embedding"].spec == P("tensor", "fsdp")
+    assert got.step.spec == P() and got.rng.spec == P()
+    arrays = {"input_ids": jax.ShapeDtypeStruct((2, 8, 64), jnp.int32),
+              "tiles": jax.ShapeDtypeStruct((2, 16, 56, 56, 3), jnp.uint8),
+              "s2_rows_0": jax.ShapeDtypeStruct((2, 4, 8, 16), jnp.float32)}
+    batch = sharding.step_batch_shardings(mesh, arrays)
+    assert batch["input_ids"].spec == P(None, ("data", "fsdp"))
+    assert batch["tiles"].spec == P(None, ("data", "fsdp"))
+    assert batch["s2_rows_0"].spec == P()

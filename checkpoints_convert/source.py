@@ -4,7 +4,7 @@ Two layouts are recognised (NVILA_REFERENCE.md §1):
 - "official": config.json + llm/ + vision_tower/ + mm_projector/, each a standalone HF directory with
   model.safetensors or sharded model-*.safetensors + model.safetensors.index.json; tokenizer files in llm/.
 - "hf" (the `*-hf` repos): one config.json with `text_config` / `vision_config`, all tensors at the root
-  under the prefixes `llm.`, `vision_tower.` and `mm_projector.`; tokenizer files at the root.
+  under the prefixes `llm.`, `vision_tower.` and `mm_projector.`; tokenizer files at the root (or in llm/).
 
 Only headers are read here; every problem found (unreadable or truncated files, corrupt or inconsistent
 index files, pickled weights) is collected as a sentence so that the caller reports all of them at once.
@@ -68,7 +68,8 @@ def read_source(root: str) -> SourceCheckpoint:
                 cfg = json.load(f)
             if isinstance(cfg, dict) and (cfg.get("model_type") in ("nvila", "nvila_lite") or "text_config" in cfg):
                 src.layout = "hf"
-                src.tokenizer_dir = root
+                has_tokenizer = any(os.path.isfile(os.path.join(root, n)) for n in ("tokenizer.json", "vocab.json"))
+                src.tokenizer_dir = root if has_tokenizer or not os.path.isdir(src.tokenizer_dir) else src.tokenizer_dir
         except (OSError, ValueError):
             pass  # reported by the config reader, which names the exact error
     if src.layout == "official":

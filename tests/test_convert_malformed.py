@@ -232,6 +232,13 @@ def test_existing_destination_needs_force(official, tmp_path, capsys):
     assert main(["convert", str(official), str(dst), "--quiet", "--force"]) == 0
     assert not (dst / "keep.txt").exists() and (dst / "manifest.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["converted"]
+    # export follows the same rules
+    assert main(["export", str(dst), str(tmp_path / "exported"), "--quiet"]) == 0
+    assert (tmp_path / "exported" / "llm" / "model.safetensors.index.json").exists()
+    assert main(["export", str(dst), str(tmp_path / "exported"), "--quiet"]) == 1
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main(["export", str(dst), str(tmp_path / "exported"), "--quiet", "--force"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["converted", "exported"]
 
 
 def test_cli_reports_a_bad_checkpoint_without_traceback(ckpt, tmp_path, capsys):

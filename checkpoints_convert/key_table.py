@@ -9,8 +9,8 @@ A tied LM head (`tie_word_embeddings`) has no parameter either; a checkpoint tha
 `lm_head.weight` gets it carried the same way (an optional rule).
 
 The `*-hf` repos keep all three components in one directory, their keys prefixed with the component name
-(`llm.model.norm.weight`, `vision_tower.vision_model.*`, `mm_projector.layers.*`): `split_hf_layout_key` /
-`hf_layout_key` translate, after which the same rules apply.
+(`llm.model.norm.weight`, `vision_tower.vision_model.*`, `mm_projector.layers.*`): `split_hf_layout_key`
+splits off the component, after which the same rules apply.
 """
 
 from __future__ import annotations
@@ -287,11 +287,6 @@ def split_hf_layout_key(key: str) -> tuple[str, str] | None:
     """`llm.model.norm.weight` -> ("llm", "model.norm.weight"); None for a key without a component prefix."""
     component, _, rest = key.partition(".")
     return (component, rest) if component in COMPONENTS and rest else None
-
-
-def hf_layout_key(component: str, key: str) -> str:
-    """The inverse of `split_hf_layout_key`."""
-    return f"{component}.{key}"
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

@@ -39,10 +39,6 @@ class StreamedArray:
     block_shape: tuple[int, ...]
     blocks: Callable[[], Iterator[Block]]
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
-
 
 class _StreamingHandler(ocp.type_handlers.NumpyHandler):
     """Writes `StreamedArray` leaves sequentially, block by block, in Orbax's numpy-array format."""

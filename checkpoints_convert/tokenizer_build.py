@@ -20,7 +20,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from nvila_jax.text.tokenizer import NVILA_TOKENS, NVILATokenizer, TokenizerError
+from nvila_jax.text.tokenizer import NVILA_TOKENS, TokenizerError
 
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -57,10 +57,6 @@ class BuiltTokenizer:
             if os.path.isfile(src):
                 with open(src, "rb") as fi, open(os.path.join(directory, name), "wb") as fo:
                     fo.write(fi.read())
-
-    def load(self, directory: str) -> NVILATokenizer:
-        """The saved tokenizer as nvila_jax uses it (chat template and special tokens included)."""
-        return NVILATokenizer.from_dir(directory)
 
 
 def build_tokenizer(directory: str) -> BuiltTokenizer:

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from checkpoints_convert.tokenizer_build import QWEN2_PRETOKENIZE_REGEX, build_tokenizer
 from helpers.official_checkpoint import NVILA_TOKENS, load_official_tokenizer, write_tokenizer_files
-from nvila_jax.text.tokenizer import TokenizerError
+from nvila_jax.text.tokenizer import NVILATokenizer, TokenizerError
 
 PIECES = ["What", " color", " is", " the", " circle", "?", " How many", " shapes", "12345", " 7", "0.5", "'s", "'LL",
           " don't", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "café", "cafe\u0301", "Straße", "你好", "世界",
@@ -72,7 +72,7 @@ def test_saved_tokenizer_loads_in_nvila_and_transformers_with_the_same_chat_prom
     _, _, d = layout
     built = build_tokenizer(d)
     built.save(str(tmp_path))
-    ours = built.load(str(tmp_path))
+    ours = NVILATokenizer.from_dir(str(tmp_path))
     theirs = AutoTokenizer.from_pretrained(str(tmp_path))
     official = load_official_tokenizer(d)
     messages = [{"role": "user", "content": "<image>\nWhat color is the circle?"}]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -133,6 +133,36 @@ def activate(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Iterator[Mesh]:
     models' logical constraints (outside, `nn.with_logical_constraint` is a no-op)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield mesh
+
+
+def per_device_attention(attention: Callable) -> Callable:
+    """`attention(q, k, v, mask, scale)` run on each device's rows (and, where both divide, its share of query
+    and KV heads) when traced under `activate`; unchanged otherwise.
+
+    XLA cannot split attention written as a loop over work items (nvila_jax.models.layers.blocked_attention)
+    by rows: every device would run the whole batch. Rows and heads are independent, so shard_map gives
+    each device exactly its share, with the same numbers."""
+
+    @functools.wraps(attention)
+    def run(q: jax.Array, k: jax.Array, v: jax.Array, mask: Any, scale: float) -> jax.Array:
+        mesh = jax.sharding.get_abstract_mesh()
+        rules = nn.get_logical_axis_rules()
+        if mesh.empty or not rules:
+            return attention(q, k, v, mask, scale)
+        sizes = dict(mesh.shape)
+        # q heads are grouped over KV heads: splitting both by a divisor of the KV head count keeps groups whole
+        spec = fit_spec(logical_to_mesh_spec(("batch", "q_heads"), rules), (q.shape[0], k.shape[2]), sizes)
+        rows, heads = tuple(spec) + (None,) * (2 - len(spec))
+        qkv = PartitionSpec(rows, None, heads)
+        if mask is None:
+            fn = jax.shard_map(lambda q, k, v: attention(q, k, v, None, scale), mesh=mesh,
+                               in_specs=(qkv, qkv, qkv), out_specs=qkv, check_vma=False)
+            return fn(q, k, v)
+        fn = jax.shard_map(lambda q, k, v, m: attention(q, k, v, m, scale), mesh=mesh,
+                           in_specs=(qkv, qkv, qkv, PartitionSpec(rows)), out_specs=qkv, check_vma=False)
+        return fn(q, k, v, mask)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- specs

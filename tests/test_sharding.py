@@ -20,6 +20,8 @@ import pytest
 TOL = 1e-5
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
 QUESTION = "What color is the circle?"
+# Over 256 fused tokens with an image: attention then runs blocked (a loop per row, split by shard_map).
+LONG_QUESTION = QUESTION + " Describe the shapes, their colors and where they are, one by one." * 3
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -94,6 +96,8 @@ def _worker(out: str, media: str) -> None:
     def run(model: NVILAModel, tag: str) -> None:
         kw = dict(images=[image]) if media == "image" else dict(video=frames)
         arrays[f"score/{tag}"] = model.score(QUESTION, **kw)
+        if media == "image":
+            arrays[f"score_long/{tag}"] = model.score(LONG_QUESTION, **kw)
         arrays[f"generate/{tag}"] = np.asarray(model.generate_ids(QUESTION, max_new_tokens=3, **kw))
 
     run(NVILAModel(cfg, host_params, tok), "single")
@@ -213,9 +217,13 @@ def test_sharded_init_equals_unsharded_init(sharded, shape):
 
 def _check_cases(arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> None:
     tag = "x".join(map(str, shape))
-    want, got = arrays["score/single"], arrays[f"score/{tag}"]
-    assert got.shape == want.shape and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    for score in ("score", "score_long"):
+        if f"{score}/single" in arrays:
+            want, got = arrays[f"{score}/single"], arrays[f"{score}/{tag}"]
+            assert got.shape == want.shape and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    if "score_long/single" in arrays:
+        assert arrays["score_long/single"].shape[0] > 256 > arrays["score/single"].shape[0]
     assert len(arrays["generate/single"]) == 3
     np.testing.assert_array_equal(arrays[f"generate/{tag}"], arrays["generate/single"])
 

@@ -26,8 +26,8 @@ def train_test_config():
 
 
 def one_step_batch(cfg, workdir: str) -> dict[str, np.ndarray]:
-    """One optimizer step's arrays from the real pipeline: synthetic shapes records, 8 rows x 256 tokens,
-    32 tiles per micro-batch, 2 micro-batches."""
+    """One optimizer step's arrays from the real pipeline: synthetic shapes records, 8 rows x 320 tokens
+    (over 256 keys: blocked attention), 32 tiles per micro-batch, 2 micro-batches."""
     from nvila_jax.data import synthetic
     from nvila_jax.data.mixture import DatasetSpec, Mixture
     from nvila_jax.data.packing import PackingOptions
@@ -37,9 +37,9 @@ def one_step_batch(cfg, workdir: str) -> dict[str, np.ndarray]:
 
     path = synthetic.write_dataset(os.path.join(workdir, "shapes"), 48, seed=0)
     mixture = Mixture((DatasetSpec("shapes", path, os.path.dirname(path)),))
-    packing = PackingOptions(rows=8, seq_len=256, tile_buckets=(32,), accumulation=2, group_steps=1,
+    packing = PackingOptions(rows=8, seq_len=320, tile_buckets=(32,), accumulation=2, group_steps=1,
                              pad_id=build_tiny_tokenizer().pad_token_id)
-    it = iter(build_pipeline(mixture, cfg, "tiny", SampleOptions(max_length=256, max_tiles=32), packing, seed=0))
+    it = iter(build_pipeline(mixture, cfg, "tiny", SampleOptions(max_length=320, max_tiles=32), packing, seed=0))
     return next(it).arrays
 
 

@@ -240,3 +240,15 @@ def test_train_state_and_step_batch_shardings():
     assert batch["input_ids"].spec == P(None, ("data", "fsdp"))
     assert batch["tiles"].spec == P(None, ("data", "fsdp"))
     assert batch["s2_rows_0"].spec == P()
+
+
+def test_blocked_attention_is_split_per_device_only_under_a_mesh():
+    from nvila_jax.models.layers import blocked_attention
+
+    q = jax.ShapeDtypeStruct((2, 300, 4, 8), jnp.float32)
+    kv = jax.ShapeDtypeStruct((2, 300, 2, 8), jnp.float32)
+    fn = sharding.per_device_attention(blocked_attention)
+    plain = str(jax.make_jaxpr(lambda q, k, v: fn(q, k, v, None, 0.1))(q, kv, kv))
+    with sharding.activate(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])):
+        split = str(jax.make_jaxpr(lambda q, k, v: fn(q, k, v, None, 0.1))(q, kv, kv))
+    assert "shard_map" not in plain and "shard_map" in split

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from nvila_jax.kernels.fp8.linear import FP8_META
+from nvila_jax.sharding import per_device_attention
 
 Dtype = Any
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
@@ -135,7 +136,7 @@ def dot_product_attention(
     once the keys span more than one block, dense below that. A query that sees no key gets zeros.
     """
     if k.shape[1] > ATTENTION_BLOCK_KV:
-        return blocked_attention(q, k, v, mask, scale)
+        return per_device_attention(blocked_attention)(q, k, v, mask, scale)  # its loop cannot be split by XLA
     return dense_attention(q, k, v, mask, scale)
 
 

@@ -118,13 +118,15 @@ def per_device_model(config: NVILAConfig, tensor: int) -> NVILAConfig:
     return dataclasses.replace(config, llm=llm, vision=vision)
 
 
-def _loss_residuals(module: Any, cfg: NVILAConfig, param_dtype: Any, trainable: Sequence[str], rows: int,
-                    seq_len: int, tiles: int, loss_chunk: int) -> int:
+def _loss_residuals(cfg: NVILAConfig, remat: str, compute_dtype: Any, param_dtype: Any, trainable: Sequence[str],
+                    rows: int, seq_len: int, tiles: int, loss_chunk: int) -> int:
     """Residuals of the training loss of one micro-batch (nvila_jax.train.step.micro_batch_nll: tiles ->
     Dynamic-S2 visual tokens -> LLM -> float32 cross-entropy) w.r.t. the trainable parameters."""
     from nvila_jax.data.packing import BatchShape, VisualGeometry, array_spec
+    from nvila_jax.models.nvila import NVILA
     from nvila_jax.train.step import micro_batch_nll
 
+    module = NVILA(cfg, dtype=compute_dtype, remat=remat)
     geom = VisualGeometry.from_config(cfg)
     micro = {k: jax.ShapeDtypeStruct(shape, dtype)
              for k, (shape, dtype) in array_spec(geom, BatchShape(rows, seq_len, tiles)).items()}
@@ -138,23 +140,18 @@ def _loss_residuals(module: Any, cfg: NVILAConfig, param_dtype: Any, trainable: 
                           {k: v for k, v in params.items() if k not in trainable}, micro)
 
 
-def _rebuilt_layer_bytes(cfg: NVILAConfig, compute_dtype: Any, rows: int, seq_len: int, tiles: int) -> int:
-    """The larger of one Qwen2 and one SigLIP layer's residuals without remat: what backward rebuilds."""
-    from nvila_jax.models.layers import AttentionMask
-    from nvila_jax.models.qwen2 import Qwen2DecoderLayer
-    from nvila_jax.models.siglip import SiglipEncoderLayer
+def _with_layers(cfg: NVILAConfig, llm_layers: int, vision_layers: int) -> NVILAConfig:
+    return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_hidden_layers=llm_layers),
+                               vision=dataclasses.replace(cfg.vision, num_hidden_layers=vision_layers),
+                               select_layer=vision_layers)
 
-    def layer_bytes(layer, x, *extra):
-        variables = jax.eval_shape(lambda x: layer.init(jax.random.key(0), x, *extra), x)
-        return residual_bytes(lambda v, x: layer.apply(v, x, *extra)[0].astype(jnp.float32).sum(), variables, x)
 
-    seg = jnp.ones((rows, seq_len), jnp.int32)
-    slot = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (rows, seq_len))
-    llm = layer_bytes(Qwen2DecoderLayer(cfg.llm, dtype=compute_dtype),
-                      jax.ShapeDtypeStruct((rows, seq_len, cfg.llm.hidden_size), compute_dtype),
-                      None, slot, AttentionMask(seg, seg, slot, slot), 0)
-    vit = layer_bytes(SiglipEncoderLayer(cfg.vision, dtype=compute_dtype),
-                      jax.ShapeDtypeStruct((tiles, cfg.vision.grid_size**2, cfg.vision.hidden_size), compute_dtype))
+def _rebuilt_layer_bytes(cfg: NVILAConfig, *args: Any) -> int:
+    """What backward rebuilds at once under remat: the larger of one LLM layer's and one ViT layer's
+    residuals without remat (the loss's residuals with one layer more, minus those without it)."""
+    base = _loss_residuals(_with_layers(cfg, 1, 1), "none", *args)
+    llm = _loss_residuals(_with_layers(cfg, 2, 1), "none", *args) - base
+    vit = _loss_residuals(_with_layers(cfg, 1, 2), "none", *args) - base
     return max(llm, vit)
 
 
@@ -182,7 +179,6 @@ def plan_training(
     `seq_len` tokens, each with `tiles_per_row` ViT tiles; AdamW, the `remat` policy and the train step's
     `loss_chunk` (positions per cross-entropy chunk, 0: whole rows)."""
     from nvila_jax.models.layers import REMAT_POLICIES
-    from nvila_jax.models.nvila import NVILA
     from nvila_jax.train.optimizer import make_optimizer
 
     if remat not in REMAT_POLICIES:
@@ -199,7 +195,7 @@ def plan_training(
     local_rows = -(-rows // batch_ways)
     local_tiles = local_rows * tiles_per_row
     local_cfg = per_device_model(config, sizes["tensor"])
-    module = NVILA(local_cfg, dtype=compute_dtype, remat=remat)
+    local = (compute_dtype, param_dtype, tuple(trainable), local_rows, seq_len, local_tiles, loss_chunk)
     plan = [
         MemoryRow("parameters", _tree_bytes(params, specs, sizes),
                   f"{format_count(_count(params))} x {jnp.dtype(param_dtype).name}"),
@@ -207,15 +203,12 @@ def plan_training(
                   f"trainable: {', '.join(trainable)}"),
         MemoryRow("optimizer state", _tree_bytes(opt_state, opt_specs, sizes),
                   "AdamW mu + nu, split like their parameters"),
-        MemoryRow("activations saved for backward",
-                  _loss_residuals(module, local_cfg, param_dtype, trainable, local_rows, seq_len, local_tiles,
-                                  loss_chunk),
+        MemoryRow("activations saved for backward", _loss_residuals(local_cfg, remat, *local),
                   f"{local_rows} x {seq_len} tokens + {local_tiles} tiles per device, remat={remat}, "
                   f"{jnp.dtype(compute_dtype).name}, loss_chunk={loss_chunk}"),
     ]
     if remat != "none":
-        plan.append(MemoryRow("layer rebuilt in backward",
-                              _rebuilt_layer_bytes(local_cfg, compute_dtype, local_rows, seq_len, local_tiles),
+        plan.append(MemoryRow("layer rebuilt in backward", _rebuilt_layer_bytes(local_cfg, *local),
                               "the larger of one LLM / one ViT layer without remat"))
     title = (f"{config.name} training, {_mesh_title(sizes)}: global batch {rows} x {seq_len} tokens, "
              f"{tiles_per_row} tiles per row")

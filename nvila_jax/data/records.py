@@ -77,8 +77,10 @@ class RecordFile(Sequence):
             raise DatasetFileError(f"{self.path}: dataset file not found")
         self._records: list | None = None
         self._offsets: np.ndarray | None = None
+        self._fd: int | None = None
         if self.path.endswith(".jsonl"):
             self._offsets = _line_offsets(self.path)
+            self._size = os.path.getsize(self.path)
         else:
             try:
                 with open(self.path, encoding="utf-8") as f:
@@ -92,12 +94,21 @@ class RecordFile(Sequence):
     def __len__(self) -> int:
         return len(self._records) if self._records is not None else len(self._offsets)
 
+    def __getstate__(self) -> dict:  # sent to grain worker processes: without the open descriptor
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
     def __getitem__(self, index: int) -> Any:
         if self._records is not None:
             return self._records[index]
-        with open(self.path, "rb") as f:
-            f.seek(int(self._offsets[index]))
-            line = f.readline()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        start = int(self._offsets[index])
+        end = int(self._offsets[index + 1]) if index + 1 < len(self._offsets) else self._size
+        line = os.pread(self._fd, end - start, start)  # positional: safe from several reader threads
         try:
             return json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -97,12 +97,13 @@ def questions(size: tuple[int, int], shapes: Sequence[Shape]) -> list[QA]:
     return out
 
 
-def write_dataset(out_dir: str, num_records: int, seed: int, max_turns: int = 2) -> str:
-    """Writes `num_records` images and `data.jsonl` (LLaVA format, 1..max_turns QA turns per image) into
+def write_dataset(out_dir: str, num_records: int, seed: int, max_turns: int = 4) -> str:
+    """Writes `num_records` images and `data.jsonl` (LLaVA format: up to max_turns questions per image, each
+    kind at most once, in random order) into
     out_dir, atomically; returns the JSONL path. Reuses a complete earlier dataset with the same arguments."""
     path = os.path.join(out_dir, "data.jsonl")
     stamp = os.path.join(out_dir, "spec.json")
-    spec = {"num_records": num_records, "seed": seed, "max_turns": max_turns, "version": 1}
+    spec = {"num_records": num_records, "seed": seed, "max_turns": max_turns, "version": 2}
     if os.path.isfile(path) and os.path.isfile(stamp):
         with open(stamp) as f:
             if json.load(f) == spec:
@@ -116,7 +117,7 @@ def write_dataset(out_dir: str, num_records: int, seed: int, max_turns: int = 2)
             name = f"images/{i:06d}.png"
             draw(size, shapes).save(os.path.join(tmp, name))
             qas = questions(size, shapes)
-            order = rng.permutation(len(qas))[:rng.randint(1, max_turns + 1)]
+            order = rng.permutation(len(qas))[:max_turns]
             turns = []
             for j, q in enumerate(order):
                 turns.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + qas[q].question})

@@ -174,14 +174,14 @@ def tiny_config() -> ml_collections.ConfigDict:
         "llm": {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "head_dim": 32}})
     c.tokenizer = "tiny"
     c.num_train_steps = 600
-    c.learning_rate = 2e-3
+    c.learning_rate = 3e-3
     c.warmup_ratio = 0.05
     c.max_grad_norm = 1.0
     c.compute_dtype = "float32"  # bfloat16 matmuls are emulated (slow) on CPU
     c.data.mixture = "synthetic"
     c.data.synthetic_records = 4000
-    c.data.rows_per_batch = 8
-    c.data.seq_len = 384
+    c.data.rows_per_batch = 12  # samples (an image and its 2-4 questions) are 170-242 tokens: one per row
+    c.data.seq_len = 256
     c.data.tile_buckets = (128,)
     c.save_every = 100
     c.keep_checkpoints = 2

@@ -174,8 +174,9 @@ def blocked_attention(
     """Flash-style attention: per (query block, batch row, KV head) a loop over key blocks with an online
     softmax in float32. Work items are plain 2-D matmuls (the CPU runtime multi-threads those, not batched
     ones); a key block is skipped when the mask rules out every key in it for every query of the block
-    (padding, unwritten cache slots, the future under a causal mask). Same shapes and semantics as
-    `dense_attention`."""
+    (padding, unwritten cache slots, the future under a causal mask). Keys and values are read block by
+    block where they lie (a KV cache is never copied); a ragged last block overlaps the one before it, with
+    the overlap masked. Same shapes and semantics as `dense_attention`."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -184,15 +185,15 @@ def blocked_attention(
         mask = AttentionMask(zeros_q + 1, zeros_kv + 1, zeros_q, zeros_kv, causal=False)
     bq, bk = min(block_q, t), min(block_kv, s)
     nq, nk = -(-t // bq), -(-s // bk)
-    q, k, v = _pad_to(q, 1, nq * bq), _pad_to(k, 1, nk * bk), _pad_to(v, 1, nk * bk)  # padding: segment 0
+    q = _pad_to(q, 1, nq * bq)  # padded queries have segment 0: they see nothing and come out as zeros
     q_seg, q_slot = (_pad_to(a, 1, nq * bq).reshape(b, nq, bq) for a in (mask.q_segment, mask.q_slot))
-    kv_seg, kv_slot = (_pad_to(a, 1, nk * bk).reshape(b, nk, bk) for a in (mask.kv_segment, mask.kv_slot))
-    kv_live = (kv_seg > 0).any(-1)  # [b, nk]: the block holds a valid key
-    kv_first = jnp.where(kv_seg > 0, kv_slot, jnp.iinfo(jnp.int32).max).min(-1)  # earliest valid slot
+    padded_seg = _pad_to(mask.kv_segment, 1, nk * bk).reshape(b, nk, bk)
+    kv_live = (padded_seg > 0).any(-1)  # [b, nk]: the block holds a valid key
+    padded_slot = _pad_to(mask.kv_slot, 1, nk * bk).reshape(b, nk, bk)
+    kv_first = jnp.where(padded_seg > 0, padded_slot, jnp.iinfo(jnp.int32).max).min(-1)  # earliest valid slot
     items = q.reshape(b, nq, bq, kvh, g, d).transpose(1, 0, 3, 2, 4, 5).reshape(nq * b * kvh, bq * g, d)
-    kb = k.reshape(b, nk, bk, kvh, d).transpose(0, 3, 1, 2, 4)  # [b, kvh, nk, bk, d]
-    vb = v.reshape(b, nk, bk, kvh, d).transpose(0, 3, 1, 2, 4)
     index = jnp.arange(nq * b * kvh)
+    contract_last = (((1,), (1,)), ((), ()))
 
     def attend(args):
         qi, n = args
@@ -203,16 +204,21 @@ def blocked_attention(
         def step(j, carry):
             def update(carry):
                 acc, run_max, denom = carry
-                ks, ksl = kv_seg[ib, j], kv_slot[ib, j]
-                seen = (qs[:, None] == ks[None, :]) & (ks > 0)[None, :]
+                start = jnp.minimum(j * bk, s - bk)
+                ks = jax.lax.dynamic_slice(mask.kv_segment[ib], (start,), (bk,))
+                ksl = jax.lax.dynamic_slice(mask.kv_slot[ib], (start,), (bk,))
+                kj, vj = (jax.lax.dynamic_slice(x, (ib, start, ih, 0), (1, bk, 1, d)).reshape(bk, d) for x in (k, v))
+                new = start + jnp.arange(bk) >= j * bk  # not already seen in the previous block
+                seen = (qs[:, None] == ks[None, :]) & ((ks > 0) & new)[None, :]
                 if mask.causal:
                     seen &= ksl[None, :] <= qsl[:, None]
-                logits = jnp.dot(qi, kb[ib, ih, j].T, preferred_element_type=jnp.float32).reshape(bq, g, bk)
+                logits = jax.lax.dot_general(qi, kj, contract_last, preferred_element_type=jnp.float32)
+                logits = logits.reshape(bq, g, bk)
                 logits = jnp.where(seen[:, None, :], logits * scale, _MASKED).reshape(bq * g, bk)
                 new_max = jnp.maximum(run_max, logits.max(-1))
                 p = jnp.exp(logits - new_max[:, None])
                 correction = jnp.exp(run_max - new_max)
-                pv = jnp.dot(p.astype(v.dtype), vb[ib, ih, j], preferred_element_type=jnp.float32)
+                pv = jnp.dot(p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
                 return acc * correction[:, None] + pv, new_max, denom * correction + p.sum(-1)
 
             live = kv_live[ib, j] & (q_last >= 0)
@@ -227,7 +233,12 @@ def blocked_attention(
         seen_any = run_max > _MASKED
         return jnp.where(seen_any[:, None], acc / jnp.where(seen_any, denom, 1.0)[:, None], 0.0)
 
-    out = jax.lax.map(attend, (items, index))
+    # One item at a time on a CPU (each item's matmuls use every core; skipped blocks cost nothing); all at
+    # once elsewhere (an accelerator needs the batch; masked blocks are then computed and discarded).
+    if jax.default_backend() == "cpu":
+        out = jax.lax.map(attend, (items, index))
+    else:
+        out = jax.vmap(attend)((items, index))
     out = out.reshape(nq, b, kvh, bq, g, d).transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * bq, h, d)
     return out[:, :t].astype(q.dtype)
 

@@ -67,7 +67,11 @@ class Qwen2DecoderLayer(nn.Module):
     dot_general_cls: Any = None
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask: AttentionMask, cache_index):
+    def __call__(self, carry, positions, mask: AttentionMask, cache_index):
+        """carry: (x, None) without a cache, or (x, (k, v, layer)) with the whole cache stack [L, B, S, KVH, Dh]:
+        carried through the layer scan (not scanned over) so that each layer writes its new slots in place
+        instead of the scan rebuilding the whole cache on every call."""
+        x, kv = carry
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         big = dict(kw, dot_general_cls=self.dot_general_cls)
@@ -77,11 +81,13 @@ class Qwen2DecoderLayer(nn.Module):
         v = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **big)(h)
         q = nn.with_logical_constraint(apply_rope(q, positions, c.rope_theta), ("batch", "length", "q_heads", "head_dim"))
         k = apply_rope(k, positions, c.rope_theta)
-        if layer_cache is not None:
-            k_all, v_all = layer_cache
-            k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, cache_index, 0, 0))
-            layer_cache = (k, v)
+        if kv is not None:
+            k_cache, v_cache, layer = kv
+            start = (layer, 0, cache_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+            k, v = k_cache[layer], v_cache[layer]
+            kv = (k_cache, v_cache, layer + 1)
         k = nn.with_logical_constraint(k, ("batch", "kv_length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "kv_length", "kv_heads", "head_dim"))
         attn = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim**-0.5)
@@ -92,7 +98,7 @@ class Qwen2DecoderLayer(nn.Module):
         up = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **big)(h)
         act = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         x = x + dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **big)(act)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), layer_cache
+        return (nn.with_logical_constraint(x, ("batch", "length", "embed")), kv), None
 
 
 class Qwen2LM(nn.Module):
@@ -110,9 +116,9 @@ class Qwen2LM(nn.Module):
             c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(KERNEL_INIT, ("vocab", "embed")),
         )
-        # Per-layer inputs: the layer's (k, v) cache slice is scanned; the rest is broadcast.
+        # The carry holds the hidden states and the KV cache; positions, mask and cache index are broadcast.
         stack = stack_layers(Qwen2DecoderLayer, c.num_hidden_layers, self.remat,
-                             (0, nn.broadcast, nn.broadcast, nn.broadcast))
+                             (nn.broadcast, nn.broadcast, nn.broadcast))
         self.layers = stack(c, self.dtype, self.param_dtype, self.dot_general_cls)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not c.tie_word_embeddings:
@@ -125,7 +131,10 @@ class Qwen2LM(nn.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits of hidden states [..., D] -> [..., vocab]."""
         if self.config.tie_word_embeddings:
-            out = self.embed_tokens.attend(hidden)
+            # hidden @ table^T contracted in place: Embed.attend's `table.T` makes XLA copy the whole
+            # [vocab, D] table on every call (a full extra read and write per decode step).
+            table = jnp.asarray(self.embed_tokens.embedding, self.dtype)
+            out = jnp.einsum("vd,...d->...v", table, hidden.astype(self.dtype))
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
@@ -147,10 +156,10 @@ class Qwen2LM(nn.Module):
         q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:
             mask = AttentionMask(segment_ids, segment_ids, q_slot, q_slot)
-            x, _ = self.layers(x, None, positions, mask, 0)
+            (x, _), _ = self.layers((x, None), positions, mask, 0)
             return self.norm(x), None
         seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
         kv_slot = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), seg.shape)
         mask = AttentionMask(segment_ids, seg, q_slot + cache.index, kv_slot)
-        x, (k, v) = self.layers(x, (cache.k, cache.v), positions, mask, cache.index)
+        (x, (k, v, _)), _ = self.layers((x, (cache.k, cache.v, jnp.int32(0))), positions, mask, cache.index)
         return self.norm(x), KVCache(k=k, v=v, segment_ids=seg, index=cache.index + t)

@@ -28,8 +28,8 @@ def env(tmp_path_factory):
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_PLATFORMS": "cpu"}
 
 
-def command(workdir):
-    return [sys.executable, "-m", "nvila_jax", "train", "--config", CONFIG, "--workdir", str(workdir), *ARGS]
+def command(workdir, extra=()):
+    return [sys.executable, "-m", "nvila_jax", "train", "--config", CONFIG, "--workdir", str(workdir), *ARGS, *extra]
 
 
 def metrics(workdir):
@@ -40,15 +40,15 @@ def metrics(workdir):
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def run_to_end(workdir, env):
-    out = subprocess.run(command(workdir), env=env, capture_output=True, text=True, timeout=600)
+def run_to_end(workdir, env, extra=()):
+    out = subprocess.run(command(workdir, extra), env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
 
-def start_and_signal(workdir, env, at_step, sig):
+def start_and_signal(workdir, env, at_step, sig, extra=()):
     """Starts a run and sends `sig` once it has logged `at_step`; returns (returncode, stdout)."""
-    proc = subprocess.Popen(command(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command(workdir, extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         while proc.poll() is None:
             logged = metrics(workdir)
@@ -97,3 +97,19 @@ def test_sigterm_saves_and_resumes(reference, tmp_path, env):
     run_to_end(tmp_path, env)
     assert deterministic(metrics(tmp_path)) == reference
     assert os.path.isfile(tmp_path / "model" / "config.json")  # the finished run exports a loadable model
+
+
+@pytest.mark.slow
+def test_mesh_run_resumes_and_matches_one_device(reference, tmp_path, env):
+    """`--config.mesh` on 4 (fake CPU) devices: killed, resumed from the sharded checkpoint, same losses as
+    the one-device run to float tolerance."""
+    mesh_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    mesh = ["--config.mesh=data=2,fsdp=2"]
+    code, out = start_and_signal(tmp_path, mesh_env, 4, signal.SIGKILL, mesh)
+    assert code == -signal.SIGKILL, out
+    out = run_to_end(tmp_path, mesh_env, mesh)
+    assert "resumed from" in out
+    got = deterministic(metrics(tmp_path))
+    assert [g[0] for g in got] == [r[0] for r in reference]
+    for g, r in zip(got, reference):
+        assert g[1] == pytest.approx(r[1], rel=1e-5) and g[3:] == r[3:]

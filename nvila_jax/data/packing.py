@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Sequence
 
@@ -32,6 +33,9 @@ from nvila_jax.config import NVILAConfig
 from nvila_jax.data.conversation import IGNORE
 from nvila_jax.data.sample import SKIP_REASONS, Sample, Skipped
 from nvila_jax.models.multiscale import area_resize_matrix
+
+log = logging.getLogger(__name__)
+LOGGED_SKIPS_PER_REASON = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +303,7 @@ class PackIterator(grain.DatasetIterator):
         self._emitted = 0
         self._pending: tuple[Sample, Any] | None = None  # (sample, parent state before reading it)
         self._exhausted = False
+        self._logged: dict[str, int] = {}
 
     def get_state(self) -> dict[str, Any]:
         if self._emitted == len(self._ready) and self._ready:  # group done: the next one starts here
@@ -345,6 +350,7 @@ class PackIterator(grain.DatasetIterator):
                     break
                 if isinstance(sample, Skipped):
                     skipped[SKIP_REASONS.index(sample.reason)] += 1
+                    self._log_skip(sample)
                     continue
                 if sample.length > opts.seq_len or sample.num_tiles > opts.max_tiles:
                     skipped[SKIP_REASONS.index("too_long" if sample.length > opts.seq_len else "too_many_tiles")] += 1
@@ -362,6 +368,14 @@ class PackIterator(grain.DatasetIterator):
             if len(steps) < opts.accumulation:  # end of data: pad the step with empty micro-batches
                 steps += [_OpenMicroBatch(opts) for _ in range(opts.accumulation - len(steps))]
             self._ready.append(self._step(steps, skipped if i == 0 else np.zeros_like(skipped)))
+
+    def _log_skip(self, s: Skipped) -> None:
+        """The first few skipped records of each reason, with what was wrong (all are counted)."""
+        seen = self._logged.get(s.reason, 0)
+        if seen < LOGGED_SKIPS_PER_REASON:
+            more = " (further ones are only counted)" if seen + 1 == LOGGED_SKIPS_PER_REASON else ""
+            log.warning("skipped (%s) %s%s", s.reason, s.detail, more)
+        self._logged[s.reason] = seen + 1
 
     def _step(self, micro: Sequence[_OpenMicroBatch], skipped: np.ndarray) -> StepBatch:
         need = max(m.tiles for m in micro)

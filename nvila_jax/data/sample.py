@@ -125,7 +125,8 @@ class SampleBuilder:
         try:
             return self._build(example)
         except _Skip as s:
-            return Skipped(s.reason, str(s), example.dataset, example.index)
+            where = f"{self.datasets[example.dataset].path} record {example.index}"
+            return Skipped(s.reason, f"{where}: {s}", example.dataset, example.index)
 
     # ------------------------------------------------------------------------------------------------
     def _build(self, example: RawExample) -> Sample:

@@ -18,8 +18,8 @@ import PIL.ImageDraw
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 70, 230), "yellow": (240, 210, 20),
           "purple": (140, 40, 180), "orange": (250, 130, 0)}
 SHAPES = ("circle", "square", "triangle", "cross")
-NUMBERS = ("zero", "one", "two", "three", "four")
-SIZES = ((120, 120), (160, 120), (120, 160), (180, 100), (100, 180))
+NUMBERS = ("zero", "one", "two", "three")
+SIZES = ((112, 112), (150, 112), (112, 150), (168, 96), (96, 168))
 QUESTION_KINDS = ("color", "shape", "count", "position")
 # Answers a question kind can have: chance accuracy is 1 / len(options).
 ANSWER_OPTIONS = {"color": tuple(COLORS), "shape": SHAPES, "count": NUMBERS[1:], "position": ("left", "right")}
@@ -41,7 +41,7 @@ class QA:
     answer: str
 
 
-def random_scene(rng: np.random.RandomState, max_objects: int = 4) -> tuple[tuple[int, int], list[Shape]]:
+def random_scene(rng: np.random.RandomState, max_objects: int = 3) -> tuple[tuple[int, int], list[Shape]]:
     """Image size and 1..max_objects non-overlapping shapes with distinct (shape, colour) pairs."""
     w, h = SIZES[rng.randint(len(SIZES))]
     n = rng.randint(1, max_objects + 1)
@@ -49,7 +49,7 @@ def random_scene(rng: np.random.RandomState, max_objects: int = 4) -> tuple[tupl
     for _ in range(200):
         if len(shapes) == n:
             break
-        r = float(rng.uniform(14, 22))
+        r = float(rng.uniform(16, 24))
         cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
         kind, color = SHAPES[rng.randint(len(SHAPES))], list(COLORS)[rng.randint(len(COLORS))]
         if any((s.kind, s.color) == (kind, color) or np.hypot(s.cx - cx, s.cy - cy) < s.r + r + 4 for s in shapes):
@@ -103,7 +103,7 @@ def write_dataset(out_dir: str, num_records: int, seed: int, max_turns: int = 4)
     out_dir, atomically; returns the JSONL path. Reuses a complete earlier dataset with the same arguments."""
     path = os.path.join(out_dir, "data.jsonl")
     stamp = os.path.join(out_dir, "spec.json")
-    spec = {"num_records": num_records, "seed": seed, "max_turns": max_turns, "version": 2}
+    spec = {"num_records": num_records, "seed": seed, "max_turns": max_turns, "version": 3}
     if os.path.isfile(path) and os.path.isfile(stamp):
         with open(stamp) as f:
             if json.load(f) == spec:

@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.0
     c.adam_b1, c.adam_b2, c.adam_eps = 0.9, 0.999, 1e-8
     c.max_grad_norm = 0.0  # 0: no clipping
+    c.mesh = ""  # "": one device; else a mesh over every device, e.g. "fsdp=-1" or "data=2,fsdp=-1,tensor=2"
     c.compute_dtype = "bfloat16"  # parameters stay float32 (master weights)
     c.remat = "none"  # none | full | dots | dots_all (models/layers.py REMAT_POLICIES)
     c.loss_chunk = 0  # positions per cross-entropy chunk; 0: the whole row at once
@@ -170,7 +171,9 @@ def tiny_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.model = "tiny"
     c.model_overrides = ml_collections.ConfigDict({
-        "s2_scales": (56, 112), "max_tiles": 6, "projector": {"mm_hidden_size": 64, "hidden_size": 128},
+        "s2_scales": (56, 112), "max_tiles": 6,
+        "vision": {"hidden_size": 64, "intermediate_size": 128},
+        "projector": {"mm_hidden_size": 128, "hidden_size": 128},
         "llm": {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "head_dim": 32}})
     c.tokenizer = "tiny"
     c.num_train_steps = 600

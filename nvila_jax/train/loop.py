@@ -91,20 +91,84 @@ def setup_run(cfg: ml_collections.ConfigDict, workdir: str) -> RunSetup:
     return RunSetup(cfg, mcfg, tok, mixture, options, packing)
 
 
-def data_iterator(run: RunSetup, seed: int, shuffle: bool = True, repeat: bool = True):
+def data_iterator(run: RunSetup, seed: int, shuffle: bool = True, repeat: bool = True, sharded: bool = True):
+    """The run's step iterator. `sharded`: this process reads its share of the global order (its own
+    batches); otherwise every process reads the same batches (a mesh spanning processes)."""
     d = run.config.data
+    index, count = (jax.process_index(), jax.process_count()) if sharded else (0, 1)
     return iter(build_pipeline(run.mixture, run.model_config, run.config.tokenizer, run.sample_options,
-                               run.packing, seed=seed, process_index=jax.process_index(),
-                               process_count=jax.process_count(), num_workers=d.num_workers,
-                               read_threads=d.read_threads, shuffle=shuffle, repeat=repeat))
+                               run.packing, seed=seed, process_index=index, process_count=count,
+                               num_workers=d.num_workers, read_threads=d.read_threads, shuffle=shuffle,
+                               repeat=repeat))
 
 
-def initial_params(cfg: ml_collections.ConfigDict, mcfg: NVILAConfig) -> Any:
-    """Random parameters (seed), or the previous stage's: a training workdir or an nvila_jax model directory."""
-    like = jax.eval_shape(lambda: nn.meta.unbox(init_params(mcfg, jax.random.key(cfg.seed))))
+class Placement:
+    """Where the run's arrays live: one device, or a mesh (parameters and Adam moments split by the logical
+    rules table, each step's rows and tiles over the batch axes). With several processes every process
+    reads the same global batches (see docs/training.md)."""
+
+    def __init__(self, spec: str, mcfg: NVILAConfig, tx: Any):
+        self.mcfg, self.tx = mcfg, tx
+        self.mesh = None
+        if spec:
+            from nvila_jax import sharding
+
+            self.mesh = sharding.make_mesh(spec)
+        elif jax.process_count() > 1:
+            raise RunConfigError(f"{jax.process_count()} processes need a device mesh: set config.mesh "
+                                 "(e.g. --config.mesh=fsdp=-1)")
+
+    def state_like(self, like: Any) -> Any:
+        """The abstract train state with the shardings it lives in (restore targets)."""
+        if self.mesh is None:
+            return like
+        from nvila_jax import sharding
+
+        shardings = sharding.train_state_shardings(like, self.mcfg, self.mesh, self.tx)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, shardings)
+
+    def put_state(self, state: TrainState) -> TrainState:
+        if self.mesh is None:
+            return state
+        return jax.device_put(state, jax.tree.map(lambda a: a.sharding, self.state_like(state)))
+
+    def put_batch(self, batch: StepBatch) -> dict[str, jax.Array]:
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.arrays.items()}
+        from nvila_jax import sharding
+
+        shardings = sharding.step_batch_shardings(self.mesh, batch.arrays)
+        return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+                for k, v in batch.arrays.items()}
+
+    def jit_step(self, step: Any, state_like: Any) -> Any:
+        if self.mesh is None:
+            return jax.jit(step, donate_argnums=0)
+        from nvila_jax import sharding
+
+        ssh = jax.tree.map(lambda a: a.sharding, state_like)
+        return jax.jit(step, out_shardings=(ssh, sharding.replicated(self.mesh)), donate_argnums=0)
+
+    def activate(self):
+        import contextlib
+
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from nvila_jax import sharding
+
+        return sharding.activate(self.mesh)
+
+
+def initial_params(cfg: ml_collections.ConfigDict, mcfg: NVILAConfig, like: Any = None) -> Any:
+    """Random parameters (seed), or the previous stage's: a training workdir or an nvila_jax model directory.
+    `like`: abstract parameters whose shardings say where each array goes (default: one device)."""
+    if like is None:
+        like = jax.eval_shape(lambda: nn.meta.unbox(init_params(mcfg, jax.random.key(cfg.seed))))
     src = cfg.init_from
     if not src:
-        return jax.jit(lambda: nn.meta.unbox(init_params(mcfg, jax.random.key(cfg.seed))))()
+        init = lambda: nn.meta.unbox(init_params(mcfg, jax.random.key(cfg.seed)))
+        placed = all(getattr(a, "sharding", None) is not None for a in jax.tree.leaves(like))
+        return jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, like) if placed else None)()
     if not os.path.isdir(src):
         raise RunConfigError(f"config.init_from={src!r}: no such directory")
     if os.path.isdir(os.path.join(src, CHECKPOINT_DIR)):
@@ -176,11 +240,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
         max_grad_norm=cfg.max_grad_norm or None)
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.save_every, cfg.keep_checkpoints,
                         cfg.async_checkpointing)
+    placement = Placement(cfg.mesh, mcfg, tx)
+    state_like = placement.state_like(jax.eval_shape(lambda: init_train_state(like, tx, cfg.seed)))
     latest = ckpt.latest_step()
     counters = {"samples": 0, "tokens": 0, "trained_tokens": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
     data_state = None
     if latest is not None:
-        state_like = jax.eval_shape(lambda: init_train_state(like, tx, cfg.seed))
         params, opt, data_state, meta = ckpt.restore(latest, state_like.params,
                                                      {"step": state_like.step, "opt_state": state_like.opt_state,
                                                       "rng": state_like.rng})
@@ -189,7 +254,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
         if primary:
             print(f"resumed from {ckpt.directory}/{latest} (step {latest})", flush=True)
     else:
-        state = init_train_state(initial_params(cfg, mcfg), tx, cfg.seed)
+        state = placement.put_state(init_train_state(initial_params(cfg, mcfg, state_like.params), tx, cfg.seed))
     start = int(state.step)
     if start >= total:
         ckpt.close()
@@ -197,13 +262,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
             print(f"already trained {start} >= num_train_steps={total} steps", flush=True)
         return 0
 
-    iterator = data_iterator(run, cfg.seed)
+    iterator = data_iterator(run, cfg.seed, sharded=placement.mesh is None)
     if data_state is not None:
         iterator.set_state(data_state)
-    prefetch = DevicePrefetch(iterator, lambda b: {k: jnp.asarray(v) for k, v in b.arrays.items()},
-                              cfg.data.prefetch)
-    step_fn = jax.jit(make_train_step(module, tx, run.geometry, trainable, schedules, cfg.loss_chunk),
-                      donate_argnums=0)
+    prefetch = DevicePrefetch(iterator, placement.put_batch, cfg.data.prefetch)
+    step_fn = placement.jit_step(make_train_step(module, tx, run.geometry, trainable, schedules, cfg.loss_chunk),
+                                 state_like)
     logger = MetricsLogger(workdir, total, start, enabled=primary)
     peak, peak_source = flops_lib.device_peak_flops(cfg.peak_tflops_per_device)
     if primary:
@@ -216,7 +280,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
     try:
         for step in range(start, total):
             device_batch, host_batch, data_state = next(prefetch)
-            state, metrics = step_fn(state, device_batch)
+            with placement.activate():
+                state, metrics = step_fn(state, device_batch)
             samples, tokens, trained = _host_stats(host_batch)
             counters["samples"] += samples
             counters["tokens"] += tokens
@@ -256,8 +321,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
                       data_state, meta, force=done == total)
         if status == 0:
             ckpt.wait()
+            from nvila_jax.distributed import to_host
+
+            params = jax.tree.map(to_host, state.params)  # every process takes part in the gather
             if primary:
-                export_model(os.path.join(workdir, MODEL_DIR), mcfg, jax.device_get(state.params), run.tokenizer)
+                export_model(os.path.join(workdir, MODEL_DIR), mcfg, params, run.tokenizer)
                 skipped = {k: v for k, v in counters["skipped"].items() if v}
                 print(f"done: {total} steps, {counters['samples']} samples; skipped records: {skipped or 'none'}; "
                       f"model in {os.path.join(workdir, MODEL_DIR)}", flush=True)

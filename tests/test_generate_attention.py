@@ -96,3 +96,14 @@ def test_dispatch_uses_blocks_for_long_keys():
     assert "while" in text  # the blocked loops, not one [T, S] softmax
     np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, mask, 0.3)),
                                np.asarray(dense_attention(q, k, v, mask, 0.3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [300, 1100])
+def test_dispatch_without_mask_uses_whole_tile_blocks(t):
+    """Unmasked (vision tower) attention past one key block runs blocked, in ATTENTION_BLOCK_UNMASKED (1024)
+    blocks (1100 keys: a ragged last block), and still equals dense."""
+    q, k, v = _qkv(2, t, t, 2, 1, 8, seed=6)
+    text = jax.jit(lambda *a: dot_product_attention(*a, None, 0.3)).lower(q, k, v).as_text()
+    assert "while" in text
+    np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, None, 0.3)),
+                               np.asarray(dense_attention(q, k, v, None, 0.3)), atol=1e-5, rtol=0)

@@ -302,7 +302,6 @@ class Engine:
         requests: Sequence[Request],
         sampling: Sequence[SamplingParams],
         on_token: Callable[[int, int], None] | None = None,
-        cache_dtype: Any = None,
     ) -> tuple[list[list[int]], list[str], BatchStats]:
         """Generates for one batch of prepared requests. Returns per request the token ids (stop token
         excluded) and finish reason, and the batch's timing.
@@ -327,8 +326,7 @@ class Engine:
         t1 = time.perf_counter()
         inputs = self.build_inputs(requests, visual, rows, batch)
         cache_len = bucket(inputs.input_ids.shape[1] + max(max_new), PROMPT_BUCKET_MIN)
-        dtype = cache_dtype or self.module.dtype
-        cache = KVCache.init(self.config.llm, batch, cache_len, dtype)
+        cache = KVCache.init(self.config.llm, batch, cache_len, self.module.dtype)
         if self.cache_shardings is not None:
             cache = jax.device_put(cache, self.cache_shardings(cache))
         state = self.initial_state(requests, sampling, batch, max_new)
@@ -362,8 +360,6 @@ class Engine:
             if out.done[: len(requests)].all():
                 break
         t3 = time.perf_counter()
-        if t2 is None:
-            t2 = t3
         stats = BatchStats(
             batch_size=len(requests),
             prompt_tokens=sum(r.length for r in requests),

@@ -5,6 +5,7 @@ logical axis names, attention with segment/slot masking, and layer stacking (sca
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -121,9 +122,12 @@ jax.tree_util.register_dataclass(
 )
 
 
-# Key/query block sizes of the blocked attention (tuned on a 2-core AVX-512 CPU; see docs/inference.md).
+# Key/query block sizes of the blocked attention (tuned on a 2-core AVX-512 CPU; see docs/inference.md):
+# small blocks let a mask skip work; without a mask (the vision tower) there is nothing to skip and a whole
+# 1024-token tile in one block runs fastest.
 ATTENTION_BLOCK_Q = 256
 ATTENTION_BLOCK_KV = 256
+ATTENTION_BLOCK_UNMASKED = 1024
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
@@ -135,9 +139,14 @@ def dot_product_attention(
     Exact either way: blocked (online softmax, never a [T, S] matrix, blocks no query can see skipped)
     once the keys span more than one block, dense below that. A query that sees no key gets zeros.
     """
-    if k.shape[1] > ATTENTION_BLOCK_KV:
-        return per_device_attention(blocked_attention)(q, k, v, mask, scale)  # its loop cannot be split by XLA
-    return dense_attention(q, k, v, mask, scale)
+    if k.shape[1] <= ATTENTION_BLOCK_KV:
+        return dense_attention(q, k, v, mask, scale)
+    if mask is None:
+        blocked = functools.partial(blocked_attention, block_q=ATTENTION_BLOCK_UNMASKED,
+                                    block_kv=ATTENTION_BLOCK_UNMASKED)
+    else:
+        blocked = blocked_attention
+    return per_device_attention(blocked)(q, k, v, mask, scale)  # its loop cannot be split by XLA
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, scale: float) -> jax.Array:

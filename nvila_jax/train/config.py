@@ -13,6 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from nvila_jax.config import ConfigError, NVILAConfig
+from nvila_jax.kernels.fp8.linear import Fp8Config
 from nvila_jax.variants import get_variant
 
 
@@ -44,6 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "bfloat16"  # parameters stay float32 (master weights)
     c.remat = "none"  # none | full | dots | dots_all (models/layers.py REMAT_POLICIES)
     c.loss_chunk = 0  # positions per cross-entropy chunk; 0: the whole row at once
+    # FP8 for the LLM's linears with min(in, out) >= min_features (NVILA: 3584), E4M3 x/w, E5M2 gradients;
+    # scaling "dynamic" (the reference) or "delayed" (amax histories, carried in the train state);
+    # gemm "auto" | "pallas" | "xla" | "bf16" (nvila_jax/kernels/fp8, docs/kernels.md).
+    c.fp8 = ml_collections.ConfigDict({"enabled": False, "min_features": 3584, "scaling": "dynamic",
+                                       "amax_history_length": 16, "gemm": "auto"})
 
     c.data = ml_collections.ConfigDict()
     c.data.mixture = "synthetic"  # a mixture YAML (nvila_jax/data/mixture.py) or "synthetic" (shapes data)
@@ -145,6 +151,18 @@ def model_config(cfg: ml_collections.ConfigDict) -> NVILAConfig:
         return _replace(base, cfg.model_overrides.to_dict(), "model_overrides")
     except ConfigError as e:
         raise RunConfigError(f"config.model_overrides: {e}") from None
+
+
+def fp8_config(cfg: ml_collections.ConfigDict) -> Fp8Config:
+    """The run's FP8 option (`config.fp8`)."""
+    known = {f.name for f in dataclasses.fields(Fp8Config)}
+    unknown = sorted(set(cfg.fp8.keys()) - known)
+    if unknown:
+        raise RunConfigError(f"config.fp8: unknown keys {unknown}; expected {sorted(known)}")
+    try:
+        return Fp8Config(**cfg.fp8.to_dict())
+    except ValueError as e:
+        raise RunConfigError(f"config.fp8: {e}") from None
 
 
 def _replace(obj: Any, changes: dict, where: str) -> Any:

@@ -25,14 +25,15 @@ from nvila_jax.data.mixture import DatasetSpec, Mixture, load_mixture
 from nvila_jax.data.packing import PackingOptions, StepBatch, VisualGeometry
 from nvila_jax.data.pipeline import DevicePrefetch, build_pipeline
 from nvila_jax.data.sample import SKIP_REASONS, SampleOptions, load_tokenizer
+from nvila_jax.kernels import fp8
 from nvila_jax.models.nvila import NVILA, init_params
 from nvila_jax.text.tokenizer import NVILATokenizer
 from nvila_jax.train import flops as flops_lib
 from nvila_jax.train.checkpoint import Checkpointer, restore_params
-from nvila_jax.train.config import RunConfigError, model_config
+from nvila_jax.train.config import RunConfigError, fp8_config, model_config
 from nvila_jax.train.metrics import MetricsLogger
 from nvila_jax.train.optimizer import make_optimizer
-from nvila_jax.train.step import TrainState, init_train_state, make_train_step
+from nvila_jax.train.step import TrainState, init_fp8_meta, init_train_state, make_train_step
 
 PREEMPTED_EXIT = 143
 CHECKPOINT_DIR = "checkpoints"
@@ -218,6 +219,15 @@ def _host_stats(batch: StepBatch) -> tuple[int, int, int]:
     return batch.num_samples, int((a["segment_ids"] > 0).sum()), int((a["targets"] >= 0).sum())
 
 
+def _opt_item(state: Any) -> dict[str, Any]:
+    """What the checkpoint's "opt" item holds beside the parameters: optimizer state, step, RNG and, with
+    delayed-scaling FP8, the amax histories (so a resumed run scales exactly as an uninterrupted one)."""
+    item = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    if state.fp8_meta:
+        item["fp8_meta"] = state.fp8_meta
+    return item
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
     """Runs (or resumes) training; returns the exit status (0 done, 143 preempted)."""
     workdir = os.path.abspath(workdir)
@@ -229,7 +239,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(cfg.to_json(indent=2))
 
-    module = NVILA(mcfg, dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat)
+    fp8_options = fp8_config(cfg)
+    module = NVILA(mcfg, dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
+                   llm_dot_general_cls=fp8.llm_dot_general_cls(fp8_options))
+    fp8_meta = init_fp8_meta(module)
     trainable = tuple(cfg.trainable)
     like = jax.eval_shape(lambda: nn.meta.unbox(init_params(mcfg, jax.random.key(0))))
     tx, schedules = make_optimizer(
@@ -241,20 +254,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.save_every, cfg.keep_checkpoints,
                         cfg.async_checkpointing)
     placement = Placement(cfg.mesh, mcfg, tx)
-    state_like = placement.state_like(jax.eval_shape(lambda: init_train_state(like, tx, cfg.seed)))
+    state_like = placement.state_like(jax.eval_shape(lambda: init_train_state(like, tx, cfg.seed, fp8_meta)))
     latest = ckpt.latest_step()
     counters = {"samples": 0, "tokens": 0, "trained_tokens": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
     data_state = None
     if latest is not None:
-        params, opt, data_state, meta = ckpt.restore(latest, state_like.params,
-                                                     {"step": state_like.step, "opt_state": state_like.opt_state,
-                                                      "rng": state_like.rng})
-        state = TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"], rng=opt["rng"])
+        params, opt, data_state, meta = ckpt.restore(latest, state_like.params, _opt_item(state_like))
+        state = TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"], rng=opt["rng"],
+                           fp8_meta=opt.get("fp8_meta", {}))
         counters = meta["counters"]
         if primary:
             print(f"resumed from {ckpt.directory}/{latest} (step {latest})", flush=True)
     else:
-        state = placement.put_state(init_train_state(initial_params(cfg, mcfg, state_like.params), tx, cfg.seed))
+        state = placement.put_state(init_train_state(initial_params(cfg, mcfg, state_like.params), tx, cfg.seed,
+                                                     fp8_meta))
     start = int(state.step)
     if start >= total:
         ckpt.close()
@@ -274,6 +287,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         print(f"training {mcfg.name} ({n_params / 1e6:.2f}M parameters; trainable: {', '.join(trainable)}) "
               f"for {total} steps in {workdir}; MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})", flush=True)
+        if fp8_options.enabled:
+            print(fp8.describe(fp8_options), flush=True)
     preemption = _Preemption()
     status = 0
     window_flops, window_tokens, t_last = 0.0, 0, time.perf_counter()
@@ -310,15 +325,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
                 window_flops, window_tokens, t_last = 0.0, 0, time.perf_counter()
             meta = {"counters": counters, "seed": cfg.seed}
             if preemption.requested:
-                ckpt.save(done, state.params, {"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
-                          data_state, meta, force=True)
+                ckpt.save(done, state.params, _opt_item(state), data_state, meta, force=True)
                 ckpt.wait()
                 if primary:
                     print(f"preempted: saved step {done} to {ckpt.directory}", flush=True)
                 status = PREEMPTED_EXIT
                 break
-            ckpt.save(done, state.params, {"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
-                      data_state, meta, force=done == total)
+            ckpt.save(done, state.params, _opt_item(state), data_state, meta, force=done == total)
         if status == 0:
             ckpt.wait()
             from nvila_jax.distributed import to_host

@@ -4,6 +4,11 @@
 (nvila_jax/data/packing.py). The loss is the token-weighted mean of next-token cross-entropy over every
 trained token of the step (all micro-batches together), computed in float32 in sequence chunks so the
 [tokens, vocab] logits never exist at once. Gradients are taken only for the trainable modules.
+
+FP8 with delayed scaling (nvila_jax/kernels/fp8) keeps amax histories in the state's `fp8_meta` (the
+model's "fp8_meta" collection; empty otherwise): the step differentiates with respect to them and the
+"gradient" is the updated history, threaded through the micro-batches in order (each forward sees the
+amaxes of the ones before it, as Transformer Engine updates its history on every forward).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from nvila_jax.data.packing import VisualGeometry
+from nvila_jax.kernels.fp8.linear import FP8_META
 from nvila_jax.models.nvila import NVILA
 from nvila_jax.train.visual import batch_visual_tokens
 
@@ -29,6 +35,7 @@ class TrainState:
     params: Any  # float32 master weights {"vision_tower", "projector", "llm"}
     opt_state: Any
     rng: jax.Array  # raw uint32 key data; step keys are fold_in(rng, step)
+    fp8_meta: Any = flax.struct.field(default_factory=dict)  # FP8 amax histories (delayed scaling) or {}
 
 
 def token_nll(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
@@ -64,8 +71,9 @@ def constrain_micro_batch(micro: Mapping[str, jax.Array]) -> dict[str, jax.Array
 
 
 def micro_batch_nll(module: NVILA, params: Any, micro: Mapping[str, jax.Array], geom: VisualGeometry,
-                    loss_chunk: int, rng: jax.Array | None = None) -> jax.Array:
-    """Per-token NLL [B, L] of one micro-batch (0 on untrained tokens)."""
+                    loss_chunk: int, rng: jax.Array | None = None, fp8_meta: Any = None) -> jax.Array:
+    """Per-token NLL [B, L] of one micro-batch (0 on untrained tokens). `fp8_meta`: the FP8 amax histories
+    of a model with delayed-scaling FP8 linears."""
     micro = constrain_micro_batch(micro)
 
     def hidden_states(m: NVILA) -> jax.Array:
@@ -74,7 +82,8 @@ def micro_batch_nll(module: NVILA, params: Any, micro: Mapping[str, jax.Array], 
         return hidden
 
     rngs = {"dropout": rng} if rng is not None else None
-    hidden = nn.apply(hidden_states, module)({"params": params}, rngs=rngs)
+    variables = {"params": params, FP8_META: fp8_meta} if fp8_meta else {"params": params}
+    hidden = nn.apply(hidden_states, module)(variables, rngs=rngs)
     logits = lambda h: nn.apply(lambda m, x: m.logits(x), module)({"params": params}, h)
     return token_nll(logits, hidden, micro["targets"], loss_chunk)
 
@@ -90,26 +99,26 @@ def make_train_step(
     """The step function. Frozen modules enter the loss as constants (no gradient, no optimizer state)."""
     trainable = tuple(trainable)
 
-    def loss_sums(train_params, frozen_params, micro, rng):
-        nll = micro_batch_nll(module, {**frozen_params, **train_params}, micro, geom, loss_chunk, rng)
+    def loss_sums(train_params, fp8_meta, frozen_params, micro, rng):
+        nll = micro_batch_nll(module, {**frozen_params, **train_params}, micro, geom, loss_chunk, rng, fp8_meta)
         return nll.sum(), (micro["targets"] >= 0).sum()
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         train_params = {k: v for k, v in state.params.items() if k in trainable}
         frozen = {k: v for k, v in state.params.items() if k not in trainable}
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+        grad_fn = jax.value_and_grad(loss_sums, argnums=(0, 1), has_aux=True)
 
         def accumulate(carry, xs):
-            grads, loss, count = carry
+            grads, fp8_meta, loss, count = carry
             micro, i = xs
-            (l, n), g = grad_fn(train_params, frozen, micro, jax.random.fold_in(key, i))
-            return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
+            (l, n), (g, fp8_meta) = grad_fn(train_params, fp8_meta, frozen, micro, jax.random.fold_in(key, i))
+            return (jax.tree.map(jnp.add, grads, g), fp8_meta, loss + l, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, train_params)
         steps = jax.tree.leaves(batch)[0].shape[0]
-        (grads, loss, count), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.float32(0), jnp.int32(0)), (dict(batch), jnp.arange(steps)))
+        (grads, fp8_meta, loss, count), _ = jax.lax.scan(
+            accumulate, (zeros, state.fp8_meta, jnp.float32(0), jnp.int32(0)), (dict(batch), jnp.arange(steps)))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         full_grads = {**jax.tree.map(jnp.zeros_like, frozen), **grads}
@@ -117,12 +126,20 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss / denom, "trained_tokens": count, "grad_norm": optax.global_norm(grads)}
         metrics.update({f"lr/{m}": s(state.step) for m, s in schedules.items()})
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, fp8_meta=fp8_meta)
         return new_state, metrics
 
     return step
 
 
-def init_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_train_state(params: Any, tx: optax.GradientTransformation, seed: int, fp8_meta: Any = None) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+                      rng=jax.random.key_data(jax.random.key(seed)), fp8_meta=fp8_meta or {})
+
+
+def init_fp8_meta(module: NVILA) -> dict:
+    """Zero amax histories for the module's delayed-scaling FP8 linears ({} when it has none)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    visual = jnp.zeros((0, module.config.llm.hidden_size), jnp.float32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, ids - 1, visual, ids, ids + 1))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes.get(FP8_META, {})))

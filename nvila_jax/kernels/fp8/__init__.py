@@ -2,7 +2,8 @@
 (reference / XLA / Hopper Pallas), and weight-only quantized linears for inference."""
 
 from nvila_jax.kernels.fp8.gemm import scaled_matmul, scaled_matmul_reference
-from nvila_jax.kernels.fp8.linear import FP8_META, Fp8Config, Fp8DotGeneral, fp8_matmul, llm_dot_general_cls, resolve_gemm
+from nvila_jax.kernels.fp8.linear import (FP8_META, Fp8Config, Fp8DotGeneral, describe, fp8_matmul, llm_dot_general_cls,
+                                         resolve_gemm)
 from nvila_jax.kernels.fp8.quantize import E4M3, E5M2, dequantize, quantize, quantize_dynamic, scale_from_amax
 from nvila_jax.kernels.fp8.weight_only import WeightOnlyDotGeneral, quantize_llm_weights, weight_only_dot_general_cls
 
@@ -14,6 +15,7 @@ __all__ = [
     "Fp8DotGeneral",
     "WeightOnlyDotGeneral",
     "dequantize",
+    "describe",
     "fp8_matmul",
     "llm_dot_general_cls",
     "quantize",

@@ -156,14 +156,18 @@ class Fp8DotGeneral(nn.Module):
         return y.reshape(lhs.shape[: lhs.ndim - n_in] + rhs.shape[n_in:])
 
 
+def describe(config: Fp8Config) -> str:
+    """One line: what the FP8 option quantizes and which path runs on the default device."""
+    device = jax.devices()[0].device_kind if jax.devices() else backend.platform()
+    return (f"FP8 LLM linears (min(in, out) >= {config.min_features}, {config.scaling} per-tensor scaling, "
+            f"E4M3 x/w, E5M2 grads): {PATH_NAMES[resolve_gemm(config.gemm)]} on {device}")
+
+
 def llm_dot_general_cls(config: Fp8Config | None) -> Any:
     """What to pass as NVILA(llm_dot_general_cls=...): None when FP8 is off, else the FP8 dot with its
     path resolved for this device. Logs which path runs."""
     if config is None or not config.enabled:
         return None
     path = resolve_gemm(config.gemm)
-    device = jax.devices()[0].device_kind if jax.devices() else backend.platform()
-    backend.logger.info(
-        "FP8 LLM linears (min(in, out) >= %d, %s per-tensor scaling, E4M3 x/w, E5M2 grads): %s on %s",
-        config.min_features, config.scaling, PATH_NAMES[path], device)
+    backend.logger.info("%s", describe(config))
     return functools.partial(Fp8DotGeneral, config=dataclasses.replace(config, gemm=path))

@@ -1,0 +1,80 @@
+"""Decoding at batch 1 and batch 8 with a Qwen2.5-0.5B-shaped LLM: nvila_jax's engine against HF
+transformers `generate` (PyTorch) on the same weights, float32, same threads; tokens/s, and bytes of weights
+read per second against the machine's measured memory bandwidth.
+
+    python benchmarks/decode.py [--batches 1,8] [--prompt 128] [--new 16] [--layers 24] [--repeats 2]
+
+Decoding is bound by reading every weight once per step, so weights bytes/s = (weight bytes per step) x
+(steps/s) measures how close a framework gets to the memory system's limit (KV-cache reads, small here,
+are not counted). Decode time is the time of generating `--new` tokens minus the time of generating one
+(which is the prefill), for both frameworks; every row generates exactly `--new` tokens (no stop tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import inference_common as common  # noqa: F401  (sets threads, test helpers on sys.path)
+import numpy as np
+import torch
+
+from nvila_jax.accounting import llm_decode_weight_bytes
+from nvila_jax.inference.engine import Engine
+from nvila_jax.inference.request import Request
+from nvila_jax.inference.sampling import SamplingParams
+from nvila_jax.models.nvila import NVILA
+from nvila_jax.text.fusion import FusedSequence
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
+    p.add_argument("--new", type=int, default=16, help="tokens generated per row")
+    p.add_argument("--layers", type=int, default=24, help="LLM depth (Qwen2.5-0.5B has 24)")
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+
+    limits = common.measure_machine()
+    print(limits.describe(), flush=True)
+    cfg = common.bench_config(vision_layers=1, llm_layers=args.layers)
+    ref, params = common.reference_and_params(cfg)
+    engine = Engine(cfg, NVILA(cfg), stop_token_ids=(), pad_id=0)
+    weight_bytes = llm_decode_weight_bytes(cfg.llm, 4)
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        ids = rng.integers(0, 151000, (batch, args.prompt))
+        requests = [Request(r, FusedSequence(r, np.full_like(r, -1)), (), None) for r in ids.astype(np.int32)]
+
+        def run_jax(new: int):
+            tokens, _, _ = engine.generate(params, requests, [SamplingParams(new)] * batch)
+            assert all(len(t) == new for t in tokens)
+            return tokens
+
+        t_ids = torch.from_numpy(ids)
+
+        def run_torch(new: int):
+            with torch.no_grad():
+                out = ref.llm.generate(input_ids=t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new,
+                                       min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+            assert out.shape[1] == args.prompt + new
+            return out[:, args.prompt:].tolist()
+
+        same = run_jax(args.new) == run_torch(args.new)
+        for name, run in (("nvila_jax (XLA)", run_jax), ("HF generate (PyTorch)", run_torch)):
+            full, _ = common.timed(lambda: run(args.new), args.repeats, warmup=0)  # warmed up by the comparison
+            first, _ = common.timed(lambda: run(1), args.repeats)
+            steps_per_s = (args.new - 1) / (full - first)
+            rows.append((str(batch), name, f"{batch * steps_per_s:.1f}", f"{steps_per_s:.2f}",
+                         f"{weight_bytes * steps_per_s / 1e9:.2f}", f"{weight_bytes * steps_per_s / limits.read_bandwidth:.0%}"))
+        jax_tps, torch_tps = float(rows[-2][2]), float(rows[-1][2])
+        print(f"batch {batch}: greedy tokens identical in both frameworks: {same}; "
+              f"speed-up over HF generate: {jax_tps / torch_tps:.2f}x", flush=True)
+    print(f"\ndecode, Qwen2.5-0.5B shape ({args.layers} layers), float32, {weight_bytes / 1e9:.2f} GB of weights per "
+          f"step, prompt {args.prompt} tokens, {args.new} new tokens per row")
+    print(common.report(rows, ("batch", "framework", "tokens/s", "steps/s", "weights GB/s", "of read bandwidth")))
+
+
+if __name__ == "__main__":
+    main()

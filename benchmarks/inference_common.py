@@ -1,0 +1,127 @@
+"""Shared pieces of the CPU inference benchmarks (vision_encoder, prefill, decode, scale_then_compress):
+the machine's measured limits, timing, and one set of random weights loaded into both frameworks.
+
+Both frameworks run in float32 with the same thread count, in the same process, on the same weights:
+PyTorch models are HF transformers' SigLIP / Qwen2 (sdpa attention, what a user of the official code gets
+on a CPU) plus the official NVILA code transcribed in tests/helpers/torch_nvila.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+
+from nvila_jax.config import NVILAConfig, ProjectorConfig, SiglipConfig  # noqa: E402
+from nvila_jax.variants import QWEN25_0P5B, SIGLIP_SO400M_448  # noqa: E402
+
+THREADS = len(os.sched_getaffinity(0))
+torch.set_num_threads(THREADS)
+
+
+def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[float, float]:
+    """(best, median) wall seconds of fn() over `repeats` runs after `warmup` runs (fn must block until
+    its work is done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), statistics.median(times)
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineLimits:
+    matmul_flops: float  # best float32 GEMM rate of torch and XLA, FLOP/s
+    matmul_by: str
+    read_bandwidth: float  # best streaming read rate of a 1 GiB array, bytes/s
+    bandwidth_by: str
+
+    def describe(self) -> str:
+        return (f"machine: {THREADS} threads; float32 matmul peak {self.matmul_flops / 1e9:.0f} GFLOP/s ({self.matmul_by}), "
+                f"memory read bandwidth {self.read_bandwidth / 1e9:.1f} GB/s ({self.bandwidth_by})")
+
+
+def measure_machine(size: int = 4096, gib: float = 1.0) -> MachineLimits:
+    """The limits the benchmarks report against, measured now: the best rate of a size^3 float32 GEMM in
+    either framework (a square GEMM is the fastest thing a CPU does), and the best rate of summing a large
+    float32 array (each byte read once, nothing written)."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    flops = 2.0 * size**3
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    t_torch, _ = timed(lambda: torch.mm(ta, tb), repeats=5)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    mm = jax.jit(jnp.matmul)
+    t_jax, _ = timed(lambda: mm(ja, jb).block_until_ready(), repeats=5)
+    n = int(gib * 2**30) // 4
+    big = rng.standard_normal(n, dtype=np.float32)
+    tbig, jbig = torch.from_numpy(big), jnp.asarray(big)
+    total = jax.jit(jnp.sum)
+    r_torch, _ = timed(lambda: tbig.sum(), repeats=5)
+    r_jax, _ = timed(lambda: total(jbig).block_until_ready(), repeats=5)
+    r_numpy, _ = timed(lambda: big.sum(), repeats=3)
+    mm_best = min((t_torch, "torch"), (t_jax, "XLA"))
+    read_best = min((r_torch, "torch sum"), (r_jax, "XLA sum"), (r_numpy, "numpy sum"))
+    return MachineLimits(flops / mm_best[0], mm_best[1], 4.0 * n / read_best[0], read_best[1])
+
+
+def bench_config(vision_layers: int = 27, llm_layers: int = 24, tiling: str = "dynamic_s2") -> NVILAConfig:
+    """NVILA with SigLIP-So400m width (depth `vision_layers`) and a Qwen2.5-0.5B-shaped LLM (depth
+    `llm_layers`); media token ids from the tiny tokenizer."""
+    from nvila_jax.text.tiny_tokenizer import TINY_IDS
+
+    vision = dataclasses.replace(SIGLIP_SO400M_448, num_hidden_layers=vision_layers)
+    llm = dataclasses.replace(QWEN25_0P5B, num_hidden_layers=llm_layers)
+    if tiling == "dynamic_s2":
+        projector = ProjectorConfig("mlp_downsample", 3 * vision.hidden_size, llm.hidden_size)
+        scales = (448, 896, 1344)
+    else:
+        projector = ProjectorConfig("mlp_downsample_3x3_fix", vision.hidden_size, llm.hidden_size)
+        scales = (448,)
+    return NVILAConfig(vision=vision, llm=llm, projector=projector, tiling=tiling, s2_scales=scales,
+                       image_token_id=TINY_IDS["<image>"], video_token_id=TINY_IDS["<vila/video>"],
+                       model_max_length=32768, name=f"bench-{tiling}")
+
+
+def reference_and_params(cfg: NVILAConfig, seed: int = 0):
+    """(TorchNVILA with HF's default initialisation and sdpa attention, the same weights as nvila_jax
+    params). HF's init (std 0.02) keeps a deep random model's activations finite."""
+    from transformers import Qwen2ForCausalLM, SiglipVisionModel
+
+    from checkpoints_convert.key_table import state_dicts_to_params
+    from helpers.torch_nvila import TorchNVILA, TorchProjector, hf_llm_config, hf_vision_config
+    from nvila_jax.text.tiny_tokenizer import build_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    vis_cfg, llm_cfg = hf_vision_config(cfg), hf_llm_config(cfg)
+    vis_cfg._attn_implementation = llm_cfg._attn_implementation = "sdpa"
+    vision = SiglipVisionModel(vis_cfg).eval()
+    llm = Qwen2ForCausalLM(llm_cfg).eval()
+    projector = TorchProjector(cfg.projector.projector_type, cfg.projector.mm_hidden_size, cfg.llm.hidden_size).eval()
+    tok_dir = tempfile.mkdtemp(prefix="nvila_bench_tok")
+    build_tiny_tokenizer().save(tok_dir)
+    ref = TorchNVILA(cfg, tok_dir, seed=seed, vision=vision, llm=llm, projector=projector)
+    params, _ = state_dicts_to_params(cfg, ref.state_dicts())
+    return ref, jax.tree.map(jnp.asarray, params)
+
+
+def report(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""LLM prefill of 2,048 tokens with a Qwen2.5-0.5B-shaped LLM: nvila_jax against HF transformers (PyTorch,
+sdpa attention) on the same weights, float32, same threads, and achieved FLOP/s against the machine's
+measured float32 matmul peak.
+
+    python benchmarks/prefill.py [--tokens 2048] [--layers 24] [--repeats 3]
+
+nvila_jax runs the engine's jitted prefill (writes the KV cache, logits of the last position); PyTorch runs
+the HF forward with a cache (`use_cache=True`, `logits_to_keep=1`). FLOPs are the matmul FLOPs of a causal
+prefill (nvila_jax.accounting.llm_prefill_flops), the same work for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import inference_common as common  # noqa: F401  (sets threads, test helpers on sys.path)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from nvila_jax.accounting import llm_prefill_flops
+from nvila_jax.inference.engine import PrefillInputs, _prefill
+from nvila_jax.models.nvila import NVILA
+from nvila_jax.models.qwen2 import KVCache
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=24, help="LLM depth (Qwen2.5-0.5B has 24)")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    limits = common.measure_machine()
+    print(limits.describe(), flush=True)
+    cfg = common.bench_config(vision_layers=1, llm_layers=args.layers)
+    ref, params = common.reference_and_params(cfg)
+    n = args.tokens
+    ids = np.random.default_rng(0).integers(0, 151000, (1, n)).astype(np.int32)
+    flops = llm_prefill_flops(cfg.llm, n)
+
+    module = NVILA(cfg)
+    inputs = PrefillInputs(jnp.asarray(ids), jnp.full((1, n), -1, jnp.int32), jnp.arange(n, dtype=jnp.int32)[None],
+                           jnp.ones((1, n), jnp.int32), jnp.zeros((0, cfg.llm.hidden_size), jnp.float32))
+    cache_len = n + 64
+
+    def run_jax():
+        cache = KVCache.init(cfg.llm, 1, cache_len, jnp.float32)
+        logits, cache = _prefill(module, params, inputs, cache)
+        jax.block_until_ready((logits, cache))
+        return logits
+
+    t_ids = torch.from_numpy(ids.astype(np.int64))
+
+    def run_torch():
+        with torch.no_grad():
+            return ref.llm(input_ids=t_ids, use_cache=True, logits_to_keep=1).logits
+
+    diff = float(np.abs(np.asarray(run_jax())[0] - run_torch()[0, -1].numpy()).max())
+    jax_best, jax_med = common.timed(run_jax, args.repeats, warmup=0)  # both warmed up by the comparison
+    torch_best, torch_med = common.timed(run_torch, args.repeats, warmup=0)
+    rows = [(name, f"{best:.2f}", f"{med:.2f}", f"{flops / best / 1e9:.0f}", f"{flops / best / limits.matmul_flops:.0%}")
+            for name, best, med in (("nvila_jax (XLA)", jax_best, jax_med), ("HF transformers (PyTorch)", torch_best,
+                                                                               torch_med))]
+    print(f"\nprefill of {n} tokens, Qwen2.5-0.5B shape ({args.layers} layers), float32, "
+          f"{flops / 1e12:.2f} TFLOP; last-position logits differ by {diff:.1e}")
+    print(common.report(rows, ("framework", "best s", "median s", "GFLOP/s", "of matmul peak")))
+    print(f"\nspeed-up over PyTorch: {torch_best / jax_best:.2f}x (best of {args.repeats})")
+
+
+if __name__ == "__main__":
+    main()

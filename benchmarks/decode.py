@@ -39,7 +39,7 @@ def main() -> None:
     print(limits.describe(), flush=True)
     cfg = common.bench_config(vision_layers=1, llm_layers=args.layers)
     ref, params = common.reference_and_params(cfg)
-    engine = Engine(cfg, NVILA(cfg), stop_token_ids=(), pad_id=0)
+    engine = Engine(cfg, NVILA(cfg, scan_layers=False), stop_token_ids=(), pad_id=0)
     weight_bytes = llm_decode_weight_bytes(cfg.llm, 4)
     rng = np.random.default_rng(0)
     rows = []

@@ -100,11 +100,13 @@ def bench_config(vision_layers: int = 27, llm_layers: int = 24, tiling: str = "d
 
 def reference_and_params(cfg: NVILAConfig, seed: int = 0):
     """(TorchNVILA with HF's default initialisation and sdpa attention, the same weights as nvila_jax
-    params). HF's init (std 0.02) keeps a deep random model's activations finite."""
+    params in the inference layout of `NVILA(cfg, scan_layers=False)`, as NVILAModel holds them). HF's init
+    (std 0.02) keeps a deep random model's activations finite."""
     from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
     from checkpoints_convert.key_table import state_dicts_to_params
     from helpers.torch_nvila import TorchNVILA, TorchProjector, hf_llm_config, hf_vision_config
+    from nvila_jax.models.qwen2 import unstack_layer_params
     from nvila_jax.text.tiny_tokenizer import build_tiny_tokenizer
 
     torch.manual_seed(seed)
@@ -117,7 +119,7 @@ def reference_and_params(cfg: NVILAConfig, seed: int = 0):
     build_tiny_tokenizer().save(tok_dir)
     ref = TorchNVILA(cfg, tok_dir, seed=seed, vision=vision, llm=llm, projector=projector)
     params, _ = state_dicts_to_params(cfg, ref.state_dicts())
-    return ref, jax.tree.map(jnp.asarray, params)
+    return ref, unstack_layer_params(jax.tree.map(jnp.asarray, params))
 
 
 def report(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:

@@ -40,7 +40,7 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(0, 151000, (1, n)).astype(np.int32)
     flops = llm_prefill_flops(cfg.llm, n)
 
-    module = NVILA(cfg)
+    module = NVILA(cfg, scan_layers=False)
     inputs = PrefillInputs(jnp.asarray(ids), jnp.full((1, n), -1, jnp.int32), jnp.arange(n, dtype=jnp.int32)[None],
                            jnp.ones((1, n), jnp.int32), jnp.zeros((0, cfg.llm.hidden_size), jnp.float32))
     cache_len = n + 64

@@ -29,6 +29,7 @@ from nvila_jax.accounting import account
 from nvila_jax.config import MediaEncoderConfig, ProjectorConfig
 from nvila_jax.inference.engine import PrefillInputs, _prefill
 from nvila_jax.models.nvila import NVILA, init_params
+from nvila_jax.models.qwen2 import unstack_layer_params
 from nvila_jax.models.qwen2 import KVCache
 from nvila_jax.variants import get_variant
 
@@ -67,8 +68,8 @@ def main() -> None:
     limits = common.measure_machine()
     print(limits.describe(), flush=True)
     cfg = common.bench_config(vision_layers=1, llm_layers=args.layers)
-    module = NVILA(cfg)
-    params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))
+    module = NVILA(cfg, scan_layers=False)  # NVILAModel's inference layout
+    params = unstack_layer_params(nn.meta.unbox(init_params(cfg, jax.random.key(0))))
     d = cfg.llm.hidden_size
     rng = np.random.default_rng(0)
 

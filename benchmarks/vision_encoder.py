@@ -43,7 +43,7 @@ def main() -> None:
     w, h = (int(v) for v in args.image.split("x"))
     req = prepare_request(cfg, build_tiny_tokenizer(), "Describe the image.", [random_image(w, h)])
     tiles = req.images[0]
-    engine = Engine(cfg, NVILA(cfg), stop_token_ids=(), pad_id=0)
+    engine = Engine(cfg, NVILA(cfg, scan_layers=False), stop_token_ids=(), pad_id=0)
     pixels = torch.from_numpy(tiles.pixels).permute(0, 3, 1, 2).contiguous()
 
     def run_jax():

@@ -21,11 +21,13 @@ from nvila_jax.inference.request import Request, VideoLike, prepare_request
 from nvila_jax.inference.sampling import SamplingParams
 from nvila_jax.media.image import ImageLike
 from nvila_jax.models.nvila import NVILA
+from nvila_jax.models.qwen2 import unstack_layer_params
 from nvila_jax.text.tokenizer import NVILATokenizer
 
 
 class NVILAModel:
-    """A ready-to-run NVILA. Parameters stay a plain pytree (`self.params`), passed to jitted programs.
+    """A ready-to-run NVILA. Parameters stay a plain pytree (`self.params`), passed to jitted programs, with the
+    LLM's layers one subtree each (the `NVILA(scan_layers=False)` layout; stacked trees are split on the way in).
 
     `suppressed_token_ids` (stored as a sorted tuple) are vocabulary ids that must never be generated: rows
     that the checkpoint never trained (embedding tables padded to the tokenizer's length by the converter) and
@@ -47,9 +49,10 @@ class NVILAModel:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM only {config.llm.vocab_size} rows")
         self.config = config
         self.mesh = mesh
-        self.params = nn.meta.unbox(params) if mesh is None else sharding.shard_params(params, config, mesh)
+        placed = nn.meta.unbox(params) if mesh is None else sharding.shard_params(params, config, mesh)
+        self.params = unstack_layer_params(placed)  # one array per LLM layer: decoding reads each weight once
         self.tokenizer = tokenizer
-        self.module = NVILA(config, dtype=dtype)
+        self.module = NVILA(config, dtype=dtype, scan_layers=False)
         self.suppressed_token_ids = tuple(sorted({int(i) for i in suppressed_token_ids}))
         bad = [i for i in self.suppressed_token_ids if not 0 <= i < config.llm.vocab_size]
         if bad:

@@ -252,6 +252,15 @@ def blocked_attention(
     return out[:, :t].astype(q.dtype)
 
 
+def rematerialised(layer_cls: type[nn.Module], remat: str) -> type[nn.Module]:
+    """`layer_cls` wrapped to recompute its activations in the backward pass under the named policy."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    if remat == "none":
+        return layer_cls
+    return nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
 def stack_layers(
     layer_cls: type[nn.Module],
     num_layers: int,
@@ -260,12 +269,8 @@ def stack_layers(
 ) -> type[nn.Module]:
     """Scans `layer_cls` over a stacked leading "layers" axis of its parameters (and of per-layer inputs
     with in_axes 0, such as KV caches), optionally rematerialised with a named policy."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
-    if remat != "none":
-        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return nn.scan(
-        layer_cls,
+        rematerialised(layer_cls, remat),
         variable_axes={"params": 0, FP8_META: 0},  # FP8 amax histories (delayed scaling) are per layer
         split_rngs={"params": True},
         in_axes=in_axes,

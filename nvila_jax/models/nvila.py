@@ -26,13 +26,15 @@ class NVILA(nn.Module):
     remat: str = "none"
     stc_impl: str = "auto"
     llm_dot_general_cls: Any = None
+    scan_layers: bool = True  # False: the LLM's per-layer parameter layout for inference (see Qwen2LM)
 
     def setup(self) -> None:
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.vision_tower = SiglipVisionTower(c.vision, c.num_vision_layers_used, remat=self.remat, **kw)
         self.projector = Projector(c.projector, stc_impl=self.stc_impl, **kw)
-        self.llm = Qwen2LM(c.llm, remat=self.remat, dot_general_cls=self.llm_dot_general_cls, **kw)
+        self.llm = Qwen2LM(c.llm, remat=self.remat, dot_general_cls=self.llm_dot_general_cls,
+                           scan_layers=self.scan_layers, **kw)
 
     # ------------------------------------------------------------------ vision
     def tile_features(self, pixels: jax.Array) -> jax.Array:

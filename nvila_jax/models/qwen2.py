@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvila_jax.config import Qwen2Config
-from nvila_jax.models.layers import KERNEL_INIT, AttentionMask, Dtype, RMSNorm, dense, dot_product_attention, stack_layers
+from nvila_jax.models.layers import (KERNEL_INIT, AttentionMask, Dtype, RMSNorm, dense, dot_product_attention,
+                                     rematerialised, stack_layers)
 
 
 @flax.struct.dataclass
@@ -102,13 +103,20 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2LM(nn.Module):
-    """Embedding, decoder stack, final norm and LM head (tied to the embedding when the config says so)."""
+    """Embedding, decoder stack, final norm and LM head (tied to the embedding when the config says so).
+
+    `scan_layers=True` (training) keeps every decoder weight in one array stacked over layers, scanned: one
+    compiled layer, whatever the depth. `scan_layers=False` (inference) keeps one array per layer
+    ("layers_0", "layers_1", ...; see `unstack_layer_params`): a scan slices the stacked weights, and XLA
+    copies each slice before its matmul, which is a full extra read and write of the weights per decode step.
+    """
 
     config: Qwen2Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
     dot_general_cls: Any = None
+    scan_layers: bool = True
 
     def setup(self) -> None:
         c = self.config
@@ -117,9 +125,14 @@ class Qwen2LM(nn.Module):
             embedding_init=nn.with_logical_partitioning(KERNEL_INIT, ("vocab", "embed")),
         )
         # The carry holds the hidden states and the KV cache; positions, mask and cache index are broadcast.
-        stack = stack_layers(Qwen2DecoderLayer, c.num_hidden_layers, self.remat,
-                             (nn.broadcast, nn.broadcast, nn.broadcast))
-        self.layers = stack(c, self.dtype, self.param_dtype, self.dot_general_cls)
+        layer_args = (c, self.dtype, self.param_dtype, self.dot_general_cls)
+        if self.scan_layers:
+            stack = stack_layers(Qwen2DecoderLayer, c.num_hidden_layers, self.remat,
+                                 (nn.broadcast, nn.broadcast, nn.broadcast))
+            self.layers = stack(*layer_args)
+        else:
+            layer_cls = rematerialised(Qwen2DecoderLayer, self.remat)
+            self.layers = [layer_cls(*layer_args) for _ in range(c.num_hidden_layers)]  # layers_0, layers_1, ...
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
@@ -127,6 +140,14 @@ class Qwen2LM(nn.Module):
 
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
+
+    def decoder_layers(self, carry, positions: jax.Array, mask: AttentionMask, cache_index):
+        """The decoder stack on carry (hidden states, cache stack or None), scanned or one layer after another."""
+        if self.scan_layers:
+            return self.layers(carry, positions, mask, cache_index)[0]
+        for layer in self.layers:
+            carry, _ = layer(carry, positions, mask, cache_index)
+        return carry
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits of hidden states [..., D] -> [..., vocab]."""
@@ -156,10 +177,38 @@ class Qwen2LM(nn.Module):
         q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:
             mask = AttentionMask(segment_ids, segment_ids, q_slot, q_slot)
-            (x, _), _ = self.layers((x, None), positions, mask, 0)
+            x, _ = self.decoder_layers((x, None), positions, mask, 0)
             return self.norm(x), None
         seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
         kv_slot = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), seg.shape)
         mask = AttentionMask(segment_ids, seg, q_slot + cache.index, kv_slot)
-        (x, (k, v, _)), _ = self.layers((x, (cache.k, cache.v, jnp.int32(0))), positions, mask, cache.index)
+        x, (k, v, _) = self.decoder_layers((x, (cache.k, cache.v, jnp.int32(0))), positions, mask, cache.index)
         return self.norm(x), KVCache(k=k, v=v, segment_ids=seg, index=cache.index + t)
+
+
+def unstack_layer_params(params: Any) -> Any:
+    """NVILA (or Qwen2LM) parameters with the LLM's stacked "layers" split into "layers_0", "layers_1", ...,
+    the layout of `scan_layers=False`; parameters already in that layout are returned as they are.
+
+    Each per-layer array keeps its parameter's sharding (minus the layer axis). The stacked arrays are not
+    freed here: the caller's tree still holds them.
+    """
+    llm = params["llm"] if "llm" in params else params
+    if "layers" not in llm:
+        return params
+    stacked = llm["layers"]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+
+    def split(a: jax.Array) -> tuple[jax.Array, ...]:
+        sharding = getattr(a, "sharding", None)
+        out = None
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            per_layer = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+            out = (per_layer,) * count
+        return jax.jit(lambda x: tuple(x[i] for i in range(count)), out_shardings=out)(a)
+
+    parts = jax.tree.map(split, stacked)
+    layers = {f"layers_{i}": jax.tree.map(lambda p: p[i], parts, is_leaf=lambda p: isinstance(p, tuple))
+              for i in range(count)}
+    new_llm = {k: v for k, v in llm.items() if k != "layers"} | layers
+    return {**params, "llm": new_llm} if "llm" in params else new_llm

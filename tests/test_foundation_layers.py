@@ -14,7 +14,7 @@ from transformers import Qwen2ForCausalLM, SiglipVisionModel
 from checkpoints_convert.key_table import state_dicts_to_params
 from helpers.torch_nvila import hf_llm_config, hf_vision_config, randomize_
 from nvila_jax.config import Qwen2Config, SiglipConfig
-from nvila_jax.models.qwen2 import KVCache, Qwen2LM
+from nvila_jax.models.qwen2 import KVCache, Qwen2LM, unstack_layer_params
 from nvila_jax.models.siglip import SiglipVisionTower
 from nvila_jax.variants import tiny
 
@@ -87,12 +87,12 @@ def test_qwen2_logits_match_hf_on_a_long_prompt(name):
     assert np.abs(want).max() > 1.0
 
 
-def _apply(cfg, params, embeds, positions, segments, cache=None):
+def _apply(cfg, params, embeds, positions, segments, cache=None, scan_layers=True):
     def run(mod):
         h, c = mod(embeds, positions, segments, cache)
         return mod.logits(h), c
 
-    return Qwen2LM(cfg).apply({"params": params}, method=run)
+    return Qwen2LM(cfg, scan_layers=scan_layers).apply({"params": params}, method=run)
 
 
 def test_kv_cache_prefill_then_decode_equals_full_forward():
@@ -110,6 +110,31 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
         steps.append(out)
     np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), np.asarray(full), atol=2e-5)
     assert int(cache.index) == 40
+
+
+@pytest.mark.parametrize("name", ["gqa-untied", "mqa-tied"])
+def test_per_layer_parameters_equal_the_scanned_stack(name):
+    """Inference's layout (one array per layer, no scan) computes exactly what training's scanned stack does."""
+    cfg = LLM_CASES[name]
+    _, stacked = _llm(cfg)
+    per_layer = unstack_layer_params(stacked)
+    assert sorted(k for k in per_layer if k.startswith("layers")) == [f"layers_{i}" for i in range(cfg.num_hidden_layers)]
+    for i in range(cfg.num_hidden_layers):
+        jax.tree.map(lambda s, p: np.testing.assert_array_equal(np.asarray(s)[i], np.asarray(p)),
+                     stacked["layers"], per_layer[f"layers_{i}"])
+    assert unstack_layer_params(per_layer) is per_layer
+    ids = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 21)))
+    emb = Qwen2LM(cfg).apply({"params": stacked}, ids, method=Qwen2LM.embed)
+    pos, seg = jnp.broadcast_to(jnp.arange(21), (2, 21)), jnp.ones((2, 21), jnp.int32)
+    results = []
+    for params, scan in ((stacked, True), (per_layer, False)):
+        cache = KVCache.init(cfg, 2, 32)
+        first, cache = _apply(cfg, params, emb[:, :20], pos[:, :20], seg[:, :20], cache, scan_layers=scan)
+        step, cache = _apply(cfg, params, emb[:, 20:], pos[:, 20:], seg[:, 20:], cache, scan_layers=scan)
+        results.append((first, step, cache.k, cache.v))
+    for want, got in zip(*results):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)  # fp32 reassociation
+    assert float(jnp.abs(results[0][3]).max()) > 0  # the cache was written
 
 
 def test_left_padded_rows_in_a_cache_equal_unpadded_rows():

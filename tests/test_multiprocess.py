@@ -136,7 +136,6 @@ def test_two_process_sharded_score_equals_one_device(two_processes):
     np.testing.assert_allclose(arrays["sharded_score"], arrays["single_score"], atol=TOL, rtol=0)
 
 
-@pytest.mark.slow
 def test_two_process_train_step_equals_one_device(tmp_path):
     arrays, _, files = launch_two_processes(str(tmp_path), train=True)
     assert files == ["results-0.npz"]

@@ -76,8 +76,8 @@ def reference(tmp_path_factory, env):
     return deterministic(records)
 
 
-# Three kill points (the minimum); two of them are slow-marked for the default suite's time.
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+# Three kill points (the minimum), each drawn from its seed.
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_at_a_random_step_then_resume(seed, reference, tmp_path, env):
     kill_at = random.Random(seed).randint(3, STEPS - 2)
     code, out = start_and_signal(tmp_path, env, kill_at, signal.SIGKILL)

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-from nvila_jax.config import NVILAConfig, ProjectorConfig, SiglipConfig  # noqa: E402
+from nvila_jax.config import NVILAConfig, ProjectorConfig  # noqa: E402
 from nvila_jax.variants import QWEN25_0P5B, SIGLIP_SO400M_448  # noqa: E402
 
 THREADS = len(os.sched_getaffinity(0))

@@ -53,18 +53,6 @@ def small_config() -> ml_collections.ConfigDict:
 CONFIGS = {"tiny": tiny_config, "small": small_config}
 
 
-def matmul_peak(dtype, size: int = 2048, repeats: int = 10) -> float:
-    a = jnp.ones((size, size), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best
-
-
 def bench(name: str, steps: int, dtype: str, workdir: str, fp8: bool = False) -> dict:
     cfg = CONFIGS[name]()
     cfg.compute_dtype = dtype
@@ -110,7 +98,7 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="also time each config with FP8 LLM linears")
     args = ap.parse_args()
     dev = jax.devices()[0]
-    peak = matmul_peak(jnp.dtype(args.dtype))
+    peak = flops_lib.measured_matmul_peak(size=2048, repeats=10, dtype=args.dtype)
     print(f"device: {dev.device_kind} ({dev.platform}); measured {args.dtype} matmul peak {peak / 1e12:.3f} TFLOP/s")
     if args.fp8:
         print(fp8_lib.describe(fp8_lib.Fp8Config(enabled=True, min_features=0)))

@@ -3,7 +3,6 @@ on the HF models, and the release variants give the paper's token counts."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode

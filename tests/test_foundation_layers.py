@@ -13,7 +13,7 @@ from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
 from checkpoints_convert.key_table import state_dicts_to_params
 from helpers.torch_nvila import hf_llm_config, hf_vision_config, randomize_
-from nvila_jax.config import Qwen2Config, SiglipConfig
+from nvila_jax.config import Qwen2Config
 from nvila_jax.models.qwen2 import KVCache, Qwen2LM, unstack_layer_params
 from nvila_jax.models.siglip import SiglipVisionTower
 from nvila_jax.variants import tiny

@@ -64,12 +64,12 @@ def step_flops(cfg: NVILAConfig, rows: int, seq_len: int, tiles: int, micro_batc
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` float32 [size x size] @ [size x size] on the default device."""
+def measured_matmul_peak(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of the best of `repeats` [size x size] @ [size x size] products in `dtype` on the default device."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((size, size), jnp.float32)
+    a = jnp.ones((size, size), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = float("inf")

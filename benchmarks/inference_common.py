@@ -48,11 +48,13 @@ def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[
 class MachineLimits:
     matmul_flops: float  # best float32 GEMM rate of torch and XLA, FLOP/s
     matmul_by: str
+    xla_matmul_flops: float  # XLA's own rate on the same GEMM: the ceiling of anything XLA runs
     read_bandwidth: float  # best streaming read rate of a 1 GiB array, bytes/s
     bandwidth_by: str
 
     def describe(self) -> str:
-        return (f"machine: {THREADS} threads; float32 matmul peak {self.matmul_flops / 1e9:.0f} GFLOP/s ({self.matmul_by}), "
+        return (f"machine: {THREADS} threads; float32 matmul peak {self.matmul_flops / 1e9:.0f} GFLOP/s ({self.matmul_by}; "
+                f"XLA's GEMM {self.xla_matmul_flops / 1e9:.0f}), "
                 f"memory read bandwidth {self.read_bandwidth / 1e9:.1f} GB/s ({self.bandwidth_by})")
 
 
@@ -77,7 +79,7 @@ def measure_machine(size: int = 4096, gib: float = 1.0) -> MachineLimits:
     r_numpy, _ = timed(lambda: big.sum(), repeats=3)
     mm_best = min((t_torch, "torch"), (t_jax, "XLA"))
     read_best = min((r_torch, "torch sum"), (r_jax, "XLA sum"), (r_numpy, "numpy sum"))
-    return MachineLimits(flops / mm_best[0], mm_best[1], 4.0 * n / read_best[0], read_best[1])
+    return MachineLimits(flops / mm_best[0], mm_best[1], flops / t_jax, 4.0 * n / read_best[0], read_best[1])
 
 
 def bench_config(vision_layers: int = 27, llm_layers: int = 24, tiling: str = "dynamic_s2") -> NVILAConfig:

@@ -35,10 +35,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
 
-    limits = common.measure_machine()
-    print(limits.describe(), flush=True)
-    cfg = common.bench_config(vision_layers=1, llm_layers=args.layers)
-    ref, params = common.reference_and_params(cfg)
+    limits, cfg, ref, params = common.setup(vision_layers=1, llm_layers=args.layers)
     engine = Engine(cfg, NVILA(cfg, scan_layers=False), stop_token_ids=(), pad_id=0)
     weight_bytes = llm_decode_weight_bytes(cfg.llm, 4)
     rng = np.random.default_rng(0)

@@ -124,6 +124,15 @@ def reference_and_params(cfg: NVILAConfig, seed: int = 0):
     return ref, unstack_layer_params(jax.tree.map(jnp.asarray, params))
 
 
+def setup(vision_layers: int, llm_layers: int) -> tuple[MachineLimits, NVILAConfig, object, object]:
+    """(machine limits, printed; the benchmark config; its TorchNVILA reference and nvila_jax params)."""
+    limits = measure_machine()
+    print(limits.describe(), flush=True)
+    cfg = bench_config(vision_layers=vision_layers, llm_layers=llm_layers)
+    ref, params = reference_and_params(cfg)
+    return limits, cfg, ref, params
+
+
 def report(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -32,10 +32,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
-    limits = common.measure_machine()
-    print(limits.describe(), flush=True)
-    cfg = common.bench_config(vision_layers=1, llm_layers=args.layers)
-    ref, params = common.reference_and_params(cfg)
+    limits, cfg, ref, params = common.setup(vision_layers=1, llm_layers=args.layers)
     n = args.tokens
     ids = np.random.default_rng(0).integers(0, 151000, (1, n)).astype(np.int32)
     flops = llm_prefill_flops(cfg.llm, n)

@@ -36,10 +36,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
-    limits = common.measure_machine()
-    print(limits.describe(), flush=True)
-    cfg = common.bench_config(vision_layers=args.layers, llm_layers=1)
-    ref, params = common.reference_and_params(cfg)
+    limits, cfg, ref, params = common.setup(vision_layers=args.layers, llm_layers=1)
     w, h = (int(v) for v in args.image.split("x"))
     req = prepare_request(cfg, build_tiny_tokenizer(), "Describe the image.", [random_image(w, h)])
     tiles = req.images[0]

@@ -36,3 +36,18 @@ def make_reference(tokenizer_dir):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_reference, tmp_path_factory):
+    """(TorchNVILA, directory): the tiny model written in the official layout and converted (float32) with
+    `nvila-jax convert`'s converter; read-only for the tests that use it."""
+    from checkpoints_convert.convert import convert
+    from helpers.official_checkpoint import write_official_checkpoint
+    from nvila_jax.variants import tiny
+
+    ref, _ = make_reference(tiny())
+    root = tmp_path_factory.mktemp("tiny_checkpoint")
+    convert(write_official_checkpoint(ref, root / "official"), str(root / "converted"), dtype="float32",
+            progress=False)
+    return ref, str(root / "converted")

@@ -59,22 +59,10 @@ def records(out, key):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(make_reference, tmp_path_factory):
-    """The tiny model in the official layout, converted with `nvila-jax convert`'s converter."""
-    from checkpoints_convert.convert import convert
-    from helpers.official_checkpoint import write_official_checkpoint
-
-    ref, _ = make_reference(tiny())
-    root = tmp_path_factory.mktemp("eval_checkpoint")
-    convert(write_official_checkpoint(ref, root / "official"), str(root / "converted"), dtype="float32",
-            progress=False)
-    return str(root / "converted")
-
-
-def test_command_line_run_interrupted_and_resumed(checkpoint, data_root, tmp_path, monkeypatch, capsys):
+def test_command_line_run_interrupted_and_resumed(tiny_checkpoint, data_root, tmp_path, monkeypatch, capsys):
     """`nvila-jax eval --model DIR`: the checkpoint loads with load_pretrained, the engine answers in batches,
     a run that fails half-way resumes without re-generating finished samples and ends with the same results."""
+    checkpoint = tiny_checkpoint[1]
     import nvila_jax
 
     real_load, loaded = nvila_jax.load_pretrained, []

@@ -12,21 +12,8 @@ from helpers.torch_nvila import random_image
 from helpers.video_files import write_video
 from nvila_jax.cli import main
 from nvila_jax.media.video import read_video_frames
-from nvila_jax.variants import tiny
 
 QUESTION = "What color is the circle?"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(make_reference, tmp_path_factory):
-    from checkpoints_convert.convert import convert
-    from helpers.official_checkpoint import write_official_checkpoint
-
-    ref, _ = make_reference(tiny())
-    root = tmp_path_factory.mktemp("generate_checkpoint")
-    convert(write_official_checkpoint(ref, root / "official"), str(root / "converted"), dtype="float32",
-            progress=False)
-    return ref, str(root / "converted")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +23,8 @@ def media(tmp_path_factory):
     return str(root / "wide.png"), write_video(str(root / "clip.avi"), 20, size=(80, 60))
 
 
-def test_streams_the_reference_answer_and_reports_counts(checkpoint, media, capsys):
-    ref, path = checkpoint
+def test_streams_the_reference_answer_and_reports_counts(tiny_checkpoint, media, capsys):
+    ref, path = tiny_checkpoint
     image, _ = media
     want_ids = ref.greedy(QUESTION, [random_image(150, 100, 1)], max_new_tokens=6)
     want = ref.tokenizer.decode(want_ids, skip_special_tokens=True).strip()
@@ -52,8 +39,8 @@ def test_streams_the_reference_answer_and_reports_counts(checkpoint, media, caps
     assert (req.num_tiles, req.fused.num_visual) == (17, 192)  # Dynamic-S2: 1 + 4 + 3x4 tiles, 12 blocks of 16
 
 
-def test_quiet_prints_only_the_answer_for_a_video(checkpoint, media, capsys):
-    ref, path = checkpoint
+def test_quiet_prints_only_the_answer_for_a_video(tiny_checkpoint, media, capsys):
+    ref, path = tiny_checkpoint
     _, video = media
     frames = read_video_frames(video, 4)
     want = ref.tokenizer.decode(ref.greedy(QUESTION, (), frames, max_new_tokens=5), skip_special_tokens=True).strip()
@@ -63,8 +50,8 @@ def test_quiet_prints_only_the_answer_for_a_video(checkpoint, media, capsys):
     assert out == want + "\n" and "prefill" not in err
 
 
-def test_bad_inputs_print_one_clear_error(checkpoint, tmp_path, capsys):
-    _, path = checkpoint
+def test_bad_inputs_print_one_clear_error(tiny_checkpoint, tmp_path, capsys):
+    _, path = tiny_checkpoint
     assert main(["generate", "--model", path, "--prompt", QUESTION, "--image", str(tmp_path / "none.png")]) == 1
     assert "none.png: image file not found" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", QUESTION]) == 1

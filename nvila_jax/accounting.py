@@ -115,12 +115,21 @@ def llm_layer_params(llm: Qwen2Config) -> int:
     return llm.hidden_size * (2 * q + 2 * kv) + 3 * llm.hidden_size * llm.intermediate_size
 
 
-def llm_prefill_flops(llm: Qwen2Config, length: int) -> float:
-    """`length` tokens through every layer (causal attention), plus the LM head for the last position."""
+def llm_prefill_flops(llm: Qwen2Config, length: int, last_only: bool = False) -> float:
+    """`length` tokens through every layer (causal attention), plus the LM head for the last position.
+
+    `last_only`: what nvila_jax's prefill executes. Its last layer computes keys and values for every token
+    (the cache needs them) and everything else for the last token only (generation needs nothing more)."""
     q = llm.num_attention_heads * llm.head_dim
-    matmuls = 2.0 * length * llm_layer_params(llm)
-    attention = 2.0 * 2.0 * q * length * (length + 1) / 2
-    return llm.num_hidden_layers * (matmuls + attention) + 2.0 * llm.hidden_size * llm.vocab_size
+    per_token = 2.0 * llm_layer_params(llm)
+    layer = length * per_token + 2.0 * 2.0 * q * length * (length + 1) / 2
+    if last_only:
+        kv = 2.0 * llm.hidden_size * 2 * llm.num_key_value_heads * llm.head_dim
+        last = length * kv + (per_token - kv) + 2.0 * 2.0 * q * length
+        layers = (llm.num_hidden_layers - 1) * layer + last
+    else:
+        layers = llm.num_hidden_layers * layer
+    return layers + 2.0 * llm.hidden_size * llm.vocab_size
 
 
 def llm_decode_flops(llm: Qwen2Config, context: int) -> float:

@@ -81,6 +81,25 @@ def test_flops_equal_torch_flop_counter_on_the_hf_models(tokenizer_dir):
     assert llm_decode_flops(llm, length + 1) == step
 
 
+def test_last_only_prefill_flops_count_the_last_layer_as_executed(tokenizer_dir):
+    """nvila_jax's prefill runs its last layer's keys and values over every token and the rest for the last
+    token only: the full prefill minus one full layer plus exactly that, counted on the HF modules."""
+    cfg = tiny()
+    llm, length = cfg.llm, 37
+    layer = TorchNVILA(cfg, tokenizer_dir).llm.model.layers[-1]
+    h = torch.randn(1, length, llm.hidden_size)
+    kv = _count(lambda: (layer.self_attn.k_proj(h), layer.self_attn.v_proj(h)))
+    rest = _count(lambda: (layer.self_attn.q_proj(h[:, -1:]), layer.self_attn.o_proj(h[:, -1:]), layer.mlp(h[:, -1:])))
+    q = torch.randn(1, llm.num_attention_heads, 1, llm.head_dim)
+    keys = torch.randn(1, llm.num_attention_heads, length, llm.head_dim)
+    attention = _count(lambda: torch.softmax(q @ keys.transpose(-1, -2), -1) @ keys)  # one query, every key
+    head = 2.0 * llm.hidden_size * llm.vocab_size
+    full_layer = (llm_prefill_flops(llm, length) - head) / llm.num_hidden_layers
+    want = llm_prefill_flops(llm, length) - full_layer + kv + rest + attention
+    assert llm_prefill_flops(llm, length, last_only=True) == pytest.approx(want, rel=1e-12)
+    assert llm_prefill_flops(llm, 1, last_only=True) == llm_prefill_flops(llm, 1)
+
+
 def test_decode_weight_bytes_equal_the_parameter_count(make_reference):
     for cfg in (tiny(), tiny_lite()):
         ref, _ = make_reference(cfg)

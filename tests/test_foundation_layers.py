@@ -87,12 +87,12 @@ def test_qwen2_logits_match_hf_on_a_long_prompt(name):
     assert np.abs(want).max() > 1.0
 
 
-def _apply(cfg, params, embeds, positions, segments, cache=None, scan_layers=True):
+def _apply(cfg, params, embeds, positions, segments, cache=None, scan_layers=True, last_only=False, remat="none"):
     def run(mod):
-        h, c = mod(embeds, positions, segments, cache)
+        h, c = mod(embeds, positions, segments, cache, last_only)
         return mod.logits(h), c
 
-    return Qwen2LM(cfg, scan_layers=scan_layers).apply({"params": params}, method=run)
+    return Qwen2LM(cfg, scan_layers=scan_layers, remat=remat).apply({"params": params}, method=run)
 
 
 def test_kv_cache_prefill_then_decode_equals_full_forward():
@@ -135,6 +135,31 @@ def test_per_layer_parameters_equal_the_scanned_stack(name):
     for want, got in zip(*results):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)  # fp32 reassociation
     assert float(jnp.abs(results[0][3]).max()) > 0  # the cache was written
+
+
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (False, "full"), (True, "none")])
+def test_last_only_equals_the_last_position_of_the_full_stack(scan, remat):
+    """A prefill's `last_only` (the unrolled stack's last layer skips every query but the last) gives the last
+    position's logits and the same cache, left padding and packing included, with or without a cache."""
+    cfg = LLM_CASES["gqa-untied"]
+    _, stacked = _llm(cfg)
+    params = stacked if scan else unstack_layer_params(stacked)
+    ids = jnp.asarray(np.random.RandomState(6).randint(0, cfg.vocab_size, (2, 19)))
+    emb = Qwen2LM(cfg).apply({"params": stacked}, ids, method=Qwen2LM.embed)
+    seg = np.ones((2, 19), np.int32)
+    seg[0, :5] = 0  # left padding
+    seg[1, :7] = 2  # a packed earlier sample
+    pos = jnp.asarray(np.where(seg[:1] > 0, np.arange(19) - 5, 0).repeat(2, 0))
+    seg = jnp.asarray(seg)
+    for cache in (None, KVCache.init(cfg, 2, 24)):
+        full, full_cache = _apply(cfg, params, emb, pos, seg, cache, scan, remat=remat)
+        last, last_cache = _apply(cfg, params, emb, pos, seg, cache, scan, last_only=True, remat=remat)
+        assert last.shape == (2, 1, cfg.vocab_size)
+        np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), atol=1e-5, rtol=0)
+        if cache is not None:
+            np.testing.assert_array_equal(np.asarray(last_cache.k), np.asarray(full_cache.k))
+            np.testing.assert_array_equal(np.asarray(last_cache.v), np.asarray(full_cache.v))
+            assert int(last_cache.index) == 19
 
 
 def test_left_padded_rows_in_a_cache_equal_unpadded_rows():

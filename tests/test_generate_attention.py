@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nvila_jax.models import layers
 from nvila_jax.models.layers import AttentionMask, blocked_attention, dense_attention, dot_product_attention
 
 
@@ -98,7 +99,7 @@ def test_dispatch_uses_blocks_for_long_keys():
                                np.asarray(dense_attention(q, k, v, mask, 0.3)), atol=1e-5)
 
 
-@pytest.mark.parametrize("t", [300, 1100])
+@pytest.mark.parametrize("t", [layers.ATTENTION_BLOCK_KV + 44, 1100])
 def test_dispatch_without_mask_uses_whole_tile_blocks(t):
     """Unmasked (vision tower) attention past one key block runs blocked, in ATTENTION_BLOCK_UNMASKED (1024)
     blocks (1100 keys: a ragged last block), and still equals dense."""

@@ -125,8 +125,8 @@ jax.tree_util.register_dataclass(
 # Key/query block sizes of the blocked attention (tuned on a 2-core AVX-512 CPU; see docs/inference.md):
 # small blocks let a mask skip work; without a mask (the vision tower) there is nothing to skip and a whole
 # 1024-token tile in one block runs fastest.
-ATTENTION_BLOCK_Q = 256
-ATTENTION_BLOCK_KV = 256
+ATTENTION_BLOCK_Q = 512
+ATTENTION_BLOCK_KV = 512
 ATTENTION_BLOCK_UNMASKED = 1024
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
@@ -182,10 +182,12 @@ def blocked_attention(
 ) -> jax.Array:
     """Flash-style attention: per (query block, batch row, KV head) a loop over key blocks with an online
     softmax in float32. Work items are plain 2-D matmuls (the CPU runtime multi-threads those, not batched
-    ones); a key block is skipped when the mask rules out every key in it for every query of the block
-    (padding, unwritten cache slots, the future under a causal mask). Keys and values are read block by
-    block where they lie (a KV cache is never copied); a ragged last block overlaps the one before it, with
-    the overlap masked. Same shapes and semantics as `dense_attention`."""
+    ones). Per key block one of three paths: skipped when the mask rules out every key in it for every
+    query of the block (padding, unwritten cache slots, the future under a causal mask); unmasked when every
+    query of the block sees every key in it (below the causal diagonal, inside one segment), which saves
+    building and applying the mask; masked otherwise. Keys and values are read block by block where they lie
+    (a KV cache is never copied); a ragged last block overlaps the one before it, with the overlap masked.
+    Same shapes and semantics as `dense_attention`."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -196,44 +198,61 @@ def blocked_attention(
     nq, nk = -(-t // bq), -(-s // bk)
     q = _pad_to(q, 1, nq * bq)  # padded queries have segment 0: they see nothing and come out as zeros
     q_seg, q_slot = (_pad_to(a, 1, nq * bq).reshape(b, nq, bq) for a in (mask.q_segment, mask.q_slot))
-    padded_seg = _pad_to(mask.kv_segment, 1, nk * bk).reshape(b, nk, bk)
-    kv_live = (padded_seg > 0).any(-1)  # [b, nk]: the block holds a valid key
-    padded_slot = _pad_to(mask.kv_slot, 1, nk * bk).reshape(b, nk, bk)
-    kv_first = jnp.where(padded_seg > 0, padded_slot, jnp.iinfo(jnp.int32).max).min(-1)  # earliest valid slot
+    kv_seg, kv_slot = (_pad_to(a, 1, nk * bk).reshape(b, nk, bk) for a in (mask.kv_segment, mask.kv_slot))
+    never, always = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
+    # Per query block and per key block: the range of segments, and of the slots of valid positions.
+    q_last = jnp.where(q_seg > 0, q_slot, -1).max(-1)  # [b, nq]; -1: no valid query
+    q_first = jnp.where(q_seg > 0, q_slot, never).min(-1)
+    q_one_segment = (q_seg.min(-1) == q_seg.max(-1)) & (q_seg.min(-1) > 0)
+    kv_first = jnp.where(kv_seg > 0, kv_slot, never).min(-1)  # [b, nk]
+    kv_last = jnp.where(kv_seg > 0, kv_slot, always).max(-1)
+    kv_live = (kv_seg > 0).any(-1)
+    kv_one_segment = kv_seg.min(-1) == kv_seg.max(-1)
     items = q.reshape(b, nq, bq, kvh, g, d).transpose(1, 0, 3, 2, 4, 5).reshape(nq * b * kvh, bq * g, d)
     index = jnp.arange(nq * b * kvh)
     contract_last = (((1,), (1,)), ((), ()))
+    # One item at a time on a CPU (each item's matmuls use every core; skipped blocks cost nothing); all at
+    # once elsewhere (an accelerator needs the batch; a branch then runs as a select, so every block takes
+    # the masked path alone: choosing among paths would compute them all).
+    on_cpu = jax.default_backend() == "cpu"
 
     def attend(args):
         qi, n = args
         iq, ib, ih = n // (b * kvh), (n // kvh) % b, n % kvh
         qs, qsl = q_seg[ib, iq], q_slot[ib, iq]
-        q_last = jnp.where(qs > 0, qsl, -1).max()
 
-        def step(j, carry):
-            def update(carry):
-                acc, run_max, denom = carry
-                start = jnp.minimum(j * bk, s - bk)
+        def update(j, carry, masked: bool):
+            acc, run_max, denom = carry
+            start = jnp.minimum(j * bk, s - bk)
+            kj, vj = (jax.lax.dynamic_slice(x, (ib, start, ih, 0), (1, bk, 1, d)).reshape(bk, d) for x in (k, v))
+            logits = jax.lax.dot_general(qi, kj, contract_last, preferred_element_type=jnp.float32)
+            if masked:
                 ks = jax.lax.dynamic_slice(mask.kv_segment[ib], (start,), (bk,))
                 ksl = jax.lax.dynamic_slice(mask.kv_slot[ib], (start,), (bk,))
-                kj, vj = (jax.lax.dynamic_slice(x, (ib, start, ih, 0), (1, bk, 1, d)).reshape(bk, d) for x in (k, v))
                 new = start + jnp.arange(bk) >= j * bk  # not already seen in the previous block
                 seen = (qs[:, None] == ks[None, :]) & ((ks > 0) & new)[None, :]
                 if mask.causal:
                     seen &= ksl[None, :] <= qsl[:, None]
-                logits = jax.lax.dot_general(qi, kj, contract_last, preferred_element_type=jnp.float32)
-                logits = logits.reshape(bq, g, bk)
-                logits = jnp.where(seen[:, None, :], logits * scale, _MASKED).reshape(bq * g, bk)
-                new_max = jnp.maximum(run_max, logits.max(-1))
-                p = jnp.exp(logits - new_max[:, None])
-                correction = jnp.exp(run_max - new_max)
-                pv = jnp.dot(p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-                return acc * correction[:, None] + pv, new_max, denom * correction + p.sum(-1)
+                logits = jnp.where(seen[:, None, :], logits.reshape(bq, g, bk), _MASKED).reshape(bq * g, bk)
+            # Maxima of unscaled logits (scale > 0 keeps the order): the scale joins the exponent's pass.
+            new_max = jnp.maximum(run_max, logits.max(-1))
+            p = jnp.exp((logits - new_max[:, None]) * scale)
+            correction = jnp.exp((run_max - new_max) * scale)
+            pv = jnp.dot(p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+            return acc * correction[:, None] + pv, new_max, denom * correction + p.sum(-1)
 
-            live = kv_live[ib, j] & (q_last >= 0)
+        def step(j, carry):
+            live = kv_live[ib, j] & (q_last[ib, iq] >= 0)
+            whole = (q_one_segment[ib, iq] & kv_one_segment[ib, j] & (kv_seg[ib, j, 0] == qs[0])
+                     & (j * bk + bk <= s))  # the ragged last block overlaps its predecessor: masked
             if mask.causal:
-                live &= kv_first[ib, j] <= q_last
-            return jax.lax.cond(live, update, lambda c: c, carry)
+                live &= kv_first[ib, j] <= q_last[ib, iq]
+                whole &= kv_last[ib, j] <= q_first[ib, iq]
+            if not on_cpu:
+                return jax.lax.cond(live, lambda c: update(j, c, True), lambda c: c, carry)
+            path = jnp.where(live, jnp.where(whole, 2, 1), 0)
+            return jax.lax.switch(path, [lambda c: c, lambda c: update(j, c, True), lambda c: update(j, c, False)],
+                                  carry)
 
         rows = bq * g
         init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _MASKED, jnp.float32),
@@ -242,9 +261,7 @@ def blocked_attention(
         seen_any = run_max > _MASKED
         return jnp.where(seen_any[:, None], acc / jnp.where(seen_any, denom, 1.0)[:, None], 0.0)
 
-    # One item at a time on a CPU (each item's matmuls use every core; skipped blocks cost nothing); all at
-    # once elsewhere (an accelerator needs the batch; masked blocks are then computed and discarded).
-    if jax.default_backend() == "cpu":
+    if on_cpu:
         out = jax.lax.map(attend, (items, index))
     else:
         out = jax.vmap(attend)((items, index))
@@ -252,13 +269,14 @@ def blocked_attention(
     return out[:, :t].astype(q.dtype)
 
 
-def rematerialised(layer_cls: type[nn.Module], remat: str) -> type[nn.Module]:
-    """`layer_cls` wrapped to recompute its activations in the backward pass under the named policy."""
+def rematerialised(layer_cls: type[nn.Module], remat: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """`layer_cls` wrapped to recompute its activations in the backward pass under the named policy.
+    `static_argnums` (positions in `__call__`, self = 0) are Python values, not traced."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     if remat == "none":
         return layer_cls
-    return nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=False, static_argnums=static_argnums)
 
 
 def stack_layers(

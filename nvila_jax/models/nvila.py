@@ -93,10 +93,12 @@ class NVILA(nn.Module):
         positions: jax.Array,
         segment_ids: jax.Array,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Fused sequence -> final hidden states [B, L, D] (use `logits`) and the updated cache."""
+        """Fused sequence -> final hidden states [B, L, D] (use `logits`) and the updated cache; with
+        `last_only`, [B, 1, D] of the last position, computing only what that and the cache need."""
         x = self.embed(input_ids, visual_index, visual_tokens)
-        return self.llm(x, positions, segment_ids, cache)
+        return self.llm(x, positions, segment_ids, cache, last_only)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.llm.logits(hidden)

@@ -4,6 +4,7 @@ KV cache pytree that is passed in and returned (never stored in the module).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -68,20 +69,26 @@ class Qwen2DecoderLayer(nn.Module):
     dot_general_cls: Any = None
 
     @nn.compact
-    def __call__(self, carry, positions, mask: AttentionMask, cache_index):
+    def __call__(self, carry, positions, mask: AttentionMask, cache_index, last_only: bool = False):
         """carry: (x, None) without a cache, or (x, (k, v, layer)) with the whole cache stack [L, B, S, KVH, Dh]:
         carried through the layer scan (not scanned over) so that each layer writes its new slots in place
-        instead of the scan rebuilding the whole cache on every call."""
+        instead of the scan rebuilding the whole cache on every call.
+
+        `last_only`: keys and values of every position (they fill the cache), everything else only for the
+        last one; the output is [B, 1, D]. The last layer of a prefill needs nothing more."""
         x, kv = carry
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         big = dict(kw, dot_general_cls=self.dot_general_cls)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **big)(h)
         k = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k_proj", **big)(h)
         v = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **big)(h)
-        q = nn.with_logical_constraint(apply_rope(q, positions, c.rope_theta), ("batch", "length", "q_heads", "head_dim"))
         k = apply_rope(k, positions, c.rope_theta)
+        if last_only:
+            x, h, positions = x[:, -1:], h[:, -1:], positions[:, -1:]
+            mask = dataclasses.replace(mask, q_segment=mask.q_segment[:, -1:], q_slot=mask.q_slot[:, -1:])
+        q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **big)(h)
+        q = nn.with_logical_constraint(apply_rope(q, positions, c.rope_theta), ("batch", "length", "q_heads", "head_dim"))
         if kv is not None:
             k_cache, v_cache, layer = kv
             start = (layer, 0, cache_index, 0, 0)
@@ -131,7 +138,7 @@ class Qwen2LM(nn.Module):
                                  (nn.broadcast, nn.broadcast, nn.broadcast))
             self.layers = stack(*layer_args)
         else:
-            layer_cls = rematerialised(Qwen2DecoderLayer, self.remat)
+            layer_cls = rematerialised(Qwen2DecoderLayer, self.remat, static_argnums=(5,))  # last_only
             self.layers = [layer_cls(*layer_args) for _ in range(c.num_hidden_layers)]  # layers_0, layers_1, ...
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not c.tie_word_embeddings:
@@ -141,12 +148,15 @@ class Qwen2LM(nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
 
-    def decoder_layers(self, carry, positions: jax.Array, mask: AttentionMask, cache_index):
-        """The decoder stack on carry (hidden states, cache stack or None), scanned or one layer after another."""
+    def decoder_layers(self, carry, positions: jax.Array, mask: AttentionMask, cache_index, last_only: bool = False):
+        """The decoder stack on carry (hidden states, cache stack or None), scanned or one layer after another.
+        `last_only`: the output holds the last position only, and the unrolled stack's last layer computes
+        nothing else (see Qwen2DecoderLayer)."""
         if self.scan_layers:
-            return self.layers(carry, positions, mask, cache_index)[0]
-        for layer in self.layers:
-            carry, _ = layer(carry, positions, mask, cache_index)
+            x, kv = self.layers(carry, positions, mask, cache_index)[0]
+            return (x[:, -1:] if last_only else x), kv
+        for i, layer in enumerate(self.layers):
+            carry, _ = layer(carry, positions, mask, cache_index, last_only and i == len(self.layers) - 1)
         return carry
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -166,8 +176,10 @@ class Qwen2LM(nn.Module):
         positions: jax.Array,
         segment_ids: jax.Array,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Final hidden states [B, T, D] (after the norm) and the updated cache.
+        """Final hidden states [B, T, D] (after the norm; [B, 1, D] of the last position with `last_only`) and
+        the updated cache.
 
         Without a cache the T tokens attend causally within their segment (packed rows work). With a cache the
         tokens are written at slots [cache.index, cache.index + T) and attend to every earlier valid slot.
@@ -177,12 +189,13 @@ class Qwen2LM(nn.Module):
         q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:
             mask = AttentionMask(segment_ids, segment_ids, q_slot, q_slot)
-            x, _ = self.decoder_layers((x, None), positions, mask, 0)
+            x, _ = self.decoder_layers((x, None), positions, mask, 0, last_only)
             return self.norm(x), None
         seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
         kv_slot = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), seg.shape)
         mask = AttentionMask(segment_ids, seg, q_slot + cache.index, kv_slot)
-        x, (k, v, _) = self.decoder_layers((x, (cache.k, cache.v, jnp.int32(0))), positions, mask, cache.index)
+        x, (k, v, _) = self.decoder_layers((x, (cache.k, cache.v, jnp.int32(0))), positions, mask, cache.index,
+                                           last_only)
         return self.norm(x), KVCache(k=k, v=v, segment_ids=seg, index=cache.index + t)
 
 

@@ -2,14 +2,15 @@
 and of a 256-frame video with and without 8-frame temporal pooling (NVILA paper: compressing the tokens of
 a scaled-up input recovers the cost of scaling).
 
-    python benchmarks/scale_then_compress.py [--layers 1] [--frames 256] [--repeats 1]
+    python benchmarks/scale_then_compress.py [--layers 2] [--frames 256] [--repeats 1]
 
 Token counts are exact (the same host code that prepares real requests, via nvila_jax.accounting); prefill
 time is measured with the engine's jitted prefill on a Qwen2.5-0.5B-shaped LLM reduced to `--layers`
 layers (random visual tokens: prefill time does not depend on their values), at the exact prompt length,
 compiled ahead of time (so a single timed run is not a compile). Nearly all prefill work is in the layers,
-so the ratios hardly depend on `--layers`; the 256-frame uncompressed video (65k tokens) takes ~2 minutes
-per layer on 2 cores.
+so the ratios hardly depend on `--layers`. The prefill's last layer computes only keys and values for all
+tokens (the rest for the last token), so the default 2 layers time one whole layer plus that; the 256-frame
+uncompressed video (65k tokens) takes ~2 minutes per whole layer on 2 cores.
 The reference of each group is its uncompressed case, measured in the same run. The FLOPs columns are the
 full NVILA-8B (all 28 layers, vision encoder included) from nvila_jax.accounting.
 """
@@ -60,10 +61,13 @@ def cases(frames: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=1, help="LLM depth used for the measured prefill")
+    p.add_argument("--layers", type=int, default=2, help="LLM depth used for the measured prefill (>= 2: the last "
+                   "layer only computes keys and values for all tokens)")
     p.add_argument("--frames", type=int, default=256)
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
+    if args.layers < 2:
+        p.error(f"--layers must be >= 2 (got {args.layers}): one layer would time only keys and values")
 
     limits = common.measure_machine()
     print(limits.describe(), flush=True)

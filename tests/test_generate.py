@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -179,6 +181,22 @@ def test_a_new_image_size_reuses_the_compiled_programs(pair):
     # Another size with the same tile grid and prompt bucket: nothing new to compile.
     model.generate_ids(QUESTION, images=[random_image(170, 100, 9)], max_new_tokens=NEW)
     assert sizes() == before
+
+
+def test_inference_programs_get_the_cpu_options_on_a_cpu_only(monkeypatch):
+    """cpu_tuned_jit compiles with CPU_COMPILER_OPTIONS where the backend is a CPU and plainly elsewhere, and
+    both give jax.jit's numbers."""
+    from nvila_jax.kernels import backend
+
+    fn = backend.cpu_tuned_jit(lambda x: jnp.exp(x).sum(-1))
+    x = jnp.linspace(-3.0, 3.0, 4096).reshape(8, 512)
+    np.testing.assert_allclose(np.asarray(fn(x)), np.asarray(jax.jit(lambda x: jnp.exp(x).sum(-1))(x)), rtol=1e-6)
+    assert fn._chosen() is fn._tuned and fn._cache_size() == 1 and fn._plain._cache_size() == 0
+    assert fn.lower(x).compile() is not None  # XLA accepts the options
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
+    assert fn._chosen() is fn._plain
+    np.testing.assert_allclose(np.asarray(fn(x)), np.asarray(fn._tuned(x)), rtol=1e-6)
+    assert fn._plain._cache_size() == 1
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from nvila_jax.config import ProjectorConfig
@@ -102,7 +103,29 @@ def test_gradient_accumulation_equals_one_batch(main_step, samples):
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     assert int(m1["trained_tokens"]) == int(m2["trained_tokens"])
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6), s1.params, s2.params)
+
+    # The accumulated gradient, as Adam's first moment holds it: equal up to float32 rounding, which scales
+    # with the terms summed, not with the result (a k_proj bias has a zero gradient made of large terms),
+    # hence a tolerance relative to the largest gradient entry.
+    def first_moments(s):
+        adam = jax.tree.leaves(s.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        return [a.mu for a in adam if isinstance(a, optax.ScaleByAdamState)]
+
+    mu1, mu2 = first_moments(s1), first_moments(s2)
+    largest = max(float(np.abs(x).max()) for x in jax.tree.leaves(mu2))
+    assert largest > 0
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * largest), mu1, mu2)
+    # Parameters: a first Adam step moves each by lr * g / (|g| + eps), ill-conditioned where |g| is near eps
+    # (a rounding-level change of g moves it by a sizeable part of lr). Compared where the step is a full one.
+    def full_steps_close(new1, new2, old):
+        step1, step2 = np.asarray(new1) - np.asarray(old), np.asarray(new2) - np.asarray(old)
+        full = np.abs(step1) > 0.99 * np.abs(step1).max(initial=0.0)
+        np.testing.assert_allclose(np.asarray(new1)[full], np.asarray(new2)[full], rtol=1e-4, atol=2e-6)
+        np.testing.assert_array_equal(step1 == 0, step2 == 0)  # frozen (lr 0) leaves stay put in both
+        return np.array([full.sum(), full.size if step1.any() else 0])
+
+    compared, trained = sum(jax.tree.leaves(jax.tree.map(full_steps_close, s1.params, s2.params, state.params)))
+    assert compared > 0.5 * trained  # most trained parameters are compared (85% of them here)
 
 
 def test_remat_and_chunked_loss_change_nothing(main_step, params, samples):

@@ -26,7 +26,7 @@ from nvila_jax.distributed import to_host
 from nvila_jax.inference.buckets import batch_bucket, bucket, power_of_two_chunks
 from nvila_jax.inference.request import Request
 from nvila_jax.inference.sampling import SamplingParams, row_keys, sample, suppress
-from nvila_jax.kernels.backend import INFERENCE_COMPILER_OPTIONS
+from nvila_jax.kernels.backend import cpu_tuned_jit
 from nvila_jax.models.nvila import NVILA
 from nvila_jax.models.qwen2 import KVCache
 
@@ -116,33 +116,32 @@ def decode_step(module: NVILA, params: Any, state: DecodeState, cache: KVCache):
 
 # Compiled programs. The module is a static argument (equal configs give equal modules), so every engine and
 # model of the same configuration shares one compile cache.
-_jit = functools.partial(jax.jit, compiler_options=INFERENCE_COMPILER_OPTIONS)
-_prefill = _jit(prefill, static_argnums=(0,), donate_argnums=(3,))
-_decode_step = _jit(decode_step, static_argnums=(0,), donate_argnums=(3,))
-_advance = _jit(advance)  # apart from prefill: compiled once per batch size, not per prompt length
+_prefill = cpu_tuned_jit(prefill, static_argnums=(0,), donate_argnums=(3,))
+_decode_step = cpu_tuned_jit(decode_step, static_argnums=(0,), donate_argnums=(3,))
+_advance = cpu_tuned_jit(advance)  # apart from prefill: compiled once per batch size, not per prompt length
 
 
-@functools.partial(_jit, static_argnums=(0,))
+@functools.partial(cpu_tuned_jit, static_argnums=(0,))
 def _tile_tokens(module: NVILA, params: Any, pixels: jax.Array) -> jax.Array:
     return module.apply({"params": params}, pixels, method=NVILA.tile_tokens)
 
 
-@functools.partial(_jit, static_argnums=(0,))
+@functools.partial(cpu_tuned_jit, static_argnums=(0,))
 def _tile_features(module: NVILA, params: Any, pixels: jax.Array) -> jax.Array:
     return module.apply({"params": params}, pixels, method=NVILA.tile_features)
 
 
-@functools.partial(_jit, static_argnums=(0, 3))
+@functools.partial(cpu_tuned_jit, static_argnums=(0, 3))
 def _project_s2(module: NVILA, params: Any, maps: jax.Array, grid: tuple[int, int]) -> jax.Array:
     return module.apply({"params": params}, maps, grid, method=NVILA.project_s2)
 
 
-@functools.partial(_jit, static_argnums=(0,))
+@functools.partial(cpu_tuned_jit, static_argnums=(0,))
 def _pool_video(module: NVILA, params: Any, tokens: jax.Array) -> jax.Array:
     return module.apply({"params": params}, tokens, method=NVILA.pool_video)
 
 
-@functools.partial(_jit, donate_argnums=(0,))
+@functools.partial(cpu_tuned_jit, donate_argnums=(0,))
 def _place(buffer: jax.Array, piece: jax.Array, offset: jax.Array) -> jax.Array:
     """Writes visual tokens [..., D] into the batch buffer [M, D] from row `offset`."""
     piece = piece.reshape(-1, buffer.shape[-1]).astype(buffer.dtype)

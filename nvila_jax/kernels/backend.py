@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any, Callable
 
 import jax
 
 IMPLS = ("auto", "xla", "pallas")
 
-# Options for the jitted inference programs. XLA's CPU code generator targets 256-bit vectors by default, even
-# on AVX-512 machines; its own loops (softmax exponentials, norms, activations; the GEMM library is not
-# affected) run ~25% faster at 512 bits there. A CPU without 512-bit vectors caps the preference at what it
-# has, and other backends ignore xla_cpu_* options.
-INFERENCE_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+# XLA's CPU code generator targets 256-bit vectors by default, even on AVX-512 machines; its own loops (softmax
+# exponentials, norms, activations; the GEMM library is not affected) run ~25% faster at 512 bits there. A CPU
+# without 512-bit vectors caps the preference at what it has.
+CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 logger = logging.getLogger("nvila_jax.kernels")
 
@@ -30,6 +30,29 @@ def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
 def platform() -> str:
     """'cpu', 'gpu' or 'tpu' for the default backend (CUDA and ROCm both report 'gpu')."""
     return jax.default_backend()
+
+
+class cpu_tuned_jit:  # noqa: N801  (used like jax.jit)
+    """`jax.jit(fun, **jit_kwargs)`, compiled with CPU_COMPILER_OPTIONS when the default backend is a CPU.
+
+    The backend is looked up at each call, not at import (importing must not start a backend: multi-host
+    runs initialise jax.distributed first), and other backends never see xla_cpu_* options. Attributes
+    (`lower`, `eval_shape`, ...) are the chosen jitted function's; both jitted versions live as long as this
+    object, so its compile cache is shared by every caller."""
+
+    def __init__(self, fun: Callable, **jit_kwargs: Any) -> None:
+        self._tuned = jax.jit(fun, compiler_options=CPU_COMPILER_OPTIONS, **jit_kwargs)
+        self._plain = jax.jit(fun, **jit_kwargs)
+        functools.update_wrapper(self, fun)
+
+    def _chosen(self) -> Callable:
+        return self._tuned if platform() == "cpu" else self._plain
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._chosen()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chosen(), name)
 
 
 @functools.lru_cache(maxsize=None)

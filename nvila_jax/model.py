@@ -19,6 +19,7 @@ from nvila_jax.inference.batch import GenerationRequest, RequestLike, generate_b
 from nvila_jax.inference.engine import Engine, Generation
 from nvila_jax.inference.request import Request, VideoLike, prepare_request
 from nvila_jax.inference.sampling import SamplingParams
+from nvila_jax.kernels.rows_matmul import RowsDotGeneral
 from nvila_jax.media.image import ImageLike
 from nvila_jax.models.nvila import NVILA
 from nvila_jax.models.qwen2 import unstack_layer_params
@@ -52,7 +53,9 @@ class NVILAModel:
         placed = nn.meta.unbox(params) if mesh is None else sharding.shard_params(params, config, mesh)
         self.params = unstack_layer_params(placed)  # one array per LLM layer: decoding reads each weight once
         self.tokenizer = tokenizer
-        self.module = NVILA(config, dtype=dtype, scan_layers=False)
+        # Decode steps of a few rows read the LLM's weights with the streaming kernel on a CPU (one device).
+        rows_kernel = RowsDotGeneral if mesh is None else None
+        self.module = NVILA(config, dtype=dtype, scan_layers=False, llm_dot_general_cls=rows_kernel)
         self.suppressed_token_ids = tuple(sorted({int(i) for i in suppressed_token_ids}))
         bad = [i for i in self.suppressed_token_ids if not 0 <= i < config.llm.vocab_size]
         if bad:

@@ -86,8 +86,6 @@ def test_bfloat16_inputs():
 
 def test_dispatch_uses_blocks_for_long_keys():
     """dot_product_attention picks the blocked path past one key block and still equals dense."""
-    from nvila_jax.models import layers
-
     t = layers.ATTENTION_BLOCK_KV + 40
     q, k, v = _qkv(1, t, t, 2, 1, 8, seed=5)
     seg = jnp.ones((1, t), jnp.int32)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nvila_jax.kernels.backend import platform
 from nvila_jax.kernels.fp8.linear import FP8_META
 from nvila_jax.sharding import per_device_attention
 
@@ -214,7 +215,7 @@ def blocked_attention(
     # One item at a time on a CPU (each item's matmuls use every core; skipped blocks cost nothing); all at
     # once elsewhere (an accelerator needs the batch; a branch then runs as a select, so every block takes
     # the masked path alone: choosing among paths would compute them all).
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = platform() == "cpu"
 
     def attend(args):
         qi, n = args

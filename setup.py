@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["nvila_jax", "nvila_jax.*", "checkpoints_convert", "checkpoints_convert.*"]),
-    package_data={"nvila_jax": ["assets/*", "kernels/cpu/*.cc"]},
+    package_data={"nvila_jax": ["assets/*", "kernels/cpu/*.cc", "kernels/cpu/*.h"]},
     install_requires=[
         # Versions that install together on Python 3.11 (see ../shared/docs/JAX_NOTES.md).
         "jax==0.10.2",

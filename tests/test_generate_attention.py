@@ -1,4 +1,5 @@
-"""The blocked (flash-style) attention equals the dense one on every mask the models build."""
+"""The blocked (flash-style) XLA attention and the CPU attention kernel equal the dense one on every mask the
+models build."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nvila_jax.kernels import cpu_attention
 from nvila_jax.models import layers
 from nvila_jax.models.layers import AttentionMask, blocked_attention, dense_attention, dot_product_attention
 
@@ -16,11 +18,23 @@ def _qkv(b, t, s, h, kvh, d, seed=0):
     return [jnp.asarray(rs.randn(*shape).astype(np.float32) * 2) for shape in ((b, t, h, d), (b, s, kvh, d), (b, s, kvh, d))]
 
 
+def _kernel(q, k, v, mask, scale):
+    if mask is None:
+        return jax.jit(lambda q, k, v: layers._kernel_attention(q, k, v, None, scale))(q, k, v)
+    return jax.jit(lambda q, k, v, m: layers._kernel_attention(q, k, v, m, scale))(q, k, v, mask)
+
+
 def _check(q, k, v, mask, rows=None, block_q=8, block_kv=16):
-    want = dense_attention(q, k, v, mask, 0.3)
-    got = jax.jit(lambda *a: blocked_attention(*a, 0.3, block_q, block_kv))(q, k, v, mask)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
-    return np.asarray(got)
+    """Blocked XLA attention (small blocks: every path of its loop) and, where it runs, the CPU kernel against
+    dense attention; returns the blocked result."""
+    want = np.asarray(dense_attention(q, k, v, mask, 0.3))
+    got = np.asarray(jax.jit(lambda *a: blocked_attention(*a, 0.3, block_q, block_kv))(q, k, v, mask))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    if cpu_attention.available():
+        kernel = np.asarray(_kernel(q, k, v, mask, 0.3))
+        np.testing.assert_allclose(kernel, want, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(kernel == 0, want == 0)  # rows that see nothing: exactly zero
+    return got
 
 
 @pytest.mark.parametrize("t,s,h,kvh,d", [(40, 40, 4, 2, 8), (37, 37, 6, 1, 16), (64, 64, 4, 4, 8), (5, 5, 2, 2, 4)])
@@ -84,8 +98,10 @@ def test_bfloat16_inputs():
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(want), atol=0.05)
 
 
-def test_dispatch_uses_blocks_for_long_keys():
-    """dot_product_attention picks the blocked path past one key block and still equals dense."""
+def test_dispatch_uses_blocks_for_long_keys(monkeypatch):
+    """Without the CPU kernel, dot_product_attention picks the blocked path past one key block and still
+    equals dense."""
+    monkeypatch.setattr(layers, "_cpu_kernel_applies", lambda *a: False)
     t = layers.ATTENTION_BLOCK_KV + 40
     q, k, v = _qkv(1, t, t, 2, 1, 8, seed=5)
     seg = jnp.ones((1, t), jnp.int32)
@@ -98,9 +114,10 @@ def test_dispatch_uses_blocks_for_long_keys():
 
 
 @pytest.mark.parametrize("t", [layers.ATTENTION_BLOCK_KV + 44, 1100])
-def test_dispatch_without_mask_uses_whole_tile_blocks(t):
-    """Unmasked (vision tower) attention past one key block runs blocked, in ATTENTION_BLOCK_UNMASKED (1024)
-    blocks (1100 keys: a ragged last block), and still equals dense."""
+def test_dispatch_without_mask_uses_whole_tile_blocks(t, monkeypatch):
+    """Without the CPU kernel, unmasked (vision tower) attention past one key block runs blocked, in
+    ATTENTION_BLOCK_UNMASKED (1024) blocks (1100 keys: a ragged last block), and still equals dense."""
+    monkeypatch.setattr(layers, "_cpu_kernel_applies", lambda *a: False)
     q, k, v = _qkv(2, t, t, 2, 1, 8, seed=6)
     text = jax.jit(lambda *a: dot_product_attention(*a, None, 0.3)).lower(q, k, v).as_text()
     assert "while" in text

@@ -1,10 +1,8 @@
 """The weight-streaming CPU kernel for products of a few rows (batched decoding): exact against float64
 products over shapes with and without whole tiles and row blocks, the dense-layer dispatch of
-RowsDotGeneral, the XLA fallback, and the on-disk build cache."""
+RowsDotGeneral, and the XLA fallback (the build cache: test_kernels_cpu_library.py)."""
 
 from __future__ import annotations
-
-import os
 
 import flax.linen as nn
 import jax
@@ -72,20 +70,3 @@ def test_without_the_kernel_everything_goes_to_xla(monkeypatch):
                                   np.asarray(_dense_layers(None).apply(params, x)))
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)  # other dtypes never reach the kernel either
     assert _dense_layers(rm.RowsDotGeneral).apply(bf16, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
-
-
-@needs_kernel
-def test_the_library_is_built_once_per_source_and_kept_in_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NVILA_JAX_CACHE", str(tmp_path))
-    first = rm._build()
-    assert first.parent == tmp_path / "kernels" and first.exists()
-    stamp = os.stat(first).st_mtime_ns
-    assert rm._build() == first and os.stat(first).st_mtime_ns == stamp  # reused, not rebuilt
-    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left behind
-
-
-def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("NVILA_JAX_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler \\('no-such-compiler'\\)"):
-        rm._build()

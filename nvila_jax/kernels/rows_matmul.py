@@ -3,80 +3,26 @@
 XLA's CPU GEMM reads the weights at well under the memory bandwidth when M is a handful of rows (batched
 decoding: one row per sequence), while a matrix-vector product streams them. `kernels/cpu/rows_matmul.cc`
 reads the weight once in its stored layout for up to 16 rows (BENCHMARKS.md, "Inference", decode). It is
-compiled on first use with the system's C++ compiler against jaxlib's XLA FFI headers, cached under
-$NVILA_JAX_CACHE (default ~/.cache/nvila_jax), and registered as an XLA FFI target. Without a compiler,
-without AVX-512, or on another backend, `available()` is False (logged once) and callers use XLA's dot.
+compiled on first use and registered with XLA by `cpu_library`; without a compiler, without AVX-512, or on
+another backend, `available()` is False (logged once) and callers use XLA's dot.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from nvila_jax.kernels.backend import log_once, platform
+from nvila_jax.kernels import cpu_library
 
 MAX_ROWS = 16
-SOURCE = Path(__file__).parent / "cpu" / "rows_matmul.cc"
 TARGET = "nvila_rows_matmul"
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("NVILA_JAX_CACHE", Path.home() / ".cache" / "nvila_jax")) / "kernels"
-
-
-def _build() -> Path:
-    """The compiled library, built once per source, jaxlib and compiler (written to a temporary file and
-    renamed, so concurrent processes never load a half-written library)."""
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler ({compiler!r}) on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode() + version.encode()).hexdigest()[:16]
-    library = _cache_dir() / f"rows_matmul-{key}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
-    os.close(fd)
-    cmd = [compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE),
-           "-o", tmp]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
-        os.replace(tmp, library)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return library
-
-
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """True when the kernel can run here: a CPU backend with AVX-512 and a working C++ compiler."""
-    if platform() != "cpu":
-        return False
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
-        log_once(f"rows_matmul: using XLA's dot ({err})")
-        return False
-    if not lib.nvila_rows_matmul_supported():
-        log_once("rows_matmul: the CPU has no AVX-512; using XLA's dot")
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NvilaRowsMatmul), platform="cpu")
-    log_once("rows_matmul: weight-streaming kernel for products of <= 16 rows")
-    return True
+    return cpu_library.register("rows_matmul", "NvilaRowsMatmul", TARGET, "XLA's dot")
 
 
 def rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -6,12 +6,10 @@
 // intra-op thread pool.
 #include <immintrin.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -88,26 +86,12 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* op = out->typed_data();
-  // Parts are claimed from a shared counter by the caller and by the tasks it schedules, so the caller
-  // finishes the work itself when the pool has no free thread (never waiting on a task that cannot start).
-  // The counters live on the heap: a task may start after the call has returned, find nothing left and exit.
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto shared = std::make_shared<Shared>();
   const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
   const int64_t per = ((n + threads - 1) / threads + kTile - 1) / kTile * kTile;
-  const int64_t parts = (n + per - 1) / per;
-  auto work = [=] {
-    for (int64_t p; (p = shared->next.fetch_add(1)) < parts;) {
-      const int64_t n0 = p * per, n1 = n0 + per < n ? n0 + per : n;
-      Columns(xp, wp, op, m, k, n, n0, n1);
-      shared->done.fetch_add(1);
-    }
-  };
-  for (int64_t t = 1; t < parts; ++t) pool.Schedule(decltype(work)(work));  // each task owns a copy
-  work();
-  while (shared->done.load() < parts) std::this_thread::yield();
+  nvila::ParallelFor(pool, (n + per - 1) / per, [=](int64_t p) {
+    const int64_t n0 = p * per, n1 = n0 + per < n ? n0 + per : n;
+    Columns(xp, wp, op, m, k, n, n0, n1);
+  });
   return ffi::Error::Success();
 }
 

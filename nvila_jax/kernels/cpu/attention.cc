@@ -1,0 +1,320 @@
+// Grouped-query attention forward (flash style, float32) for CPUs with AVX-512: the prefill and vision
+// attention of inference. XLA's CPU attention pays three passes over every logit block and a GEMM call per
+// small product; here a chunk of 12 query rows keeps its logits in L1 and the key/value block (keys
+// transposed once per call, shared by every query row and head of the group) stays in L2.
+//
+// Semantics (those of nvila_jax.models.layers.AttentionMask): a query sees a key when both have the same
+// non-zero segment id and, if causal, the key's slot is not after the query's; a query that sees no key
+// gives zeros. Work items are (batch row, KV head, block of query positions), claimed dynamically by XLA's
+// intra-op threads, last query blocks (the most keys under a causal mask) first.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kChunk = 12;      // query rows whose logits are computed together (divisible by every kPV)
+constexpr int64_t kQKRows = 6;      // rows per logits micro-kernel: 6 x 4 accumulators
+constexpr int64_t kKeyGroup = 64;   // keys per logits micro-kernel column group (4 vectors)
+constexpr int64_t kKeyBlock = 128;  // keys per block (a multiple of kKeyGroup)
+constexpr int64_t kItemRows = 384;  // query rows (positions x heads of a group) per work item, about
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for float32 vectors, x <= 0 (Cephes-style: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for
+// e^r, then scaled by 2^n); ~1 ulp, underflows to 0 below -87.3.
+__attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// s[r][0:nk_pad] = q_r . kt[:, 0:nk_pad] for R rows; kt is the key block transposed, [d][kKeyBlock].
+template <int R>
+__attribute__((target("avx512f"))) void Logits(const float* const* q, const float* kt, int64_t nk_pad, int64_t d,
+                                               float* s) {
+  constexpr int64_t ldk = kKeyBlock;
+  for (int64_t n = 0; n < nk_pad; n += kKeyGroup) {
+    __m512 acc[R][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+    const float* kp = kt + n;
+    for (int64_t e = 0; e < d; ++e, kp += ldk) {
+      const __m512 k0 = _mm512_loadu_ps(kp), k1 = _mm512_loadu_ps(kp + 16), k2 = _mm512_loadu_ps(kp + 32),
+                   k3 = _mm512_loadu_ps(kp + 48);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 qb = _mm512_set1_ps(q[r][e]);
+        acc[r][0] = _mm512_fmadd_ps(qb, k0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(qb, k1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(qb, k2, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(qb, k3, acc[r][3]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(s + r * nk_pad + n + 16 * i, acc[r][i]);
+  }
+}
+
+// o[r] = o[r] * corr[r] + p[r][0:nk] @ v[0:nk] for R rows of NV vectors (d <= 16 NV, the last one masked).
+template <int R, int NV>
+__attribute__((target("avx512f"))) void AccumulatePV(const float* p, int64_t ldp, const float* v, int64_t v_stride,
+                                                     int64_t nk, const float* corr, float* o, int64_t d) {
+  __mmask16 mask[NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) mask[i] = i < NV - 1 ? 0xFFFF : static_cast<__mmask16>((1u << (d - 16 * (NV - 1))) - 1u);
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512 c = _mm512_set1_ps(corr[r]);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask[i], o + r * d + 16 * i), c);
+  }
+  for (int64_t j = 0; j < nk; ++j, v += v_stride) {
+    __m512 vv[NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) vv[i] = _mm512_maskz_loadu_ps(mask[i], v + 16 * i);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r * ldp + j]);
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(pb, vv[i], acc[r][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) _mm512_mask_storeu_ps(o + r * d + 16 * i, mask[i], acc[r][i]);
+}
+
+// The kChunk rows of a chunk through AccumulatePV in groups that fit the 24-accumulator register budget.
+template <int NV>
+__attribute__((target("avx512f"))) void ChunkPV(const float* p, int64_t ldp, const float* v, int64_t v_stride,
+                                                int64_t nk, const float* corr, float* o, int64_t d) {
+  constexpr int R = 24 / NV >= 6 ? 6 : 24 / NV;  // 6, 4 or 3: each divides kChunk
+  for (int64_t r = 0; r < kChunk; r += R)
+    AccumulatePV<R, NV>(p + r * ldp, ldp, v, v_stride, nk, corr + r, o + r * d, d);
+}
+
+using ChunkPVFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
+constexpr ChunkPVFn kChunkPV[8] = {ChunkPV<1>, ChunkPV<2>, ChunkPV<3>, ChunkPV<4>,
+                                   ChunkPV<5>, ChunkPV<6>, ChunkPV<7>, ChunkPV<8>};
+
+// Horizontal reductions.
+__attribute__((target("avx512f"))) inline float ReduceMax(__m512 x) { return _mm512_reduce_max_ps(x); }
+__attribute__((target("avx512f"))) inline float ReduceAdd(__m512 x) { return _mm512_reduce_add_ps(x); }
+
+// Online-softmax update of one row over a key block: s (logits, nk_pad wide) becomes the row's unnormalised
+// probabilities; `visible` holds one 16-key mask per vector, or is null when every key is visible. Returns
+// the factor the row's accumulated output must be multiplied by.
+__attribute__((target("avx512f"))) float SoftmaxRow(float* s, int64_t nk_pad, const __mmask16* visible, float scale,
+                                                    float& run_max, float& denom) {
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int64_t n = 0; n < nk_pad; n += 16) {
+    const __m512 x = _mm512_loadu_ps(s + n);
+    mx = visible ? _mm512_mask_max_ps(mx, visible[n / 16], mx, x) : _mm512_max_ps(mx, x);
+  }
+  const float block_max = ReduceMax(mx);
+  if (block_max == kNegInf) {  // this row sees nothing in the block
+    std::memset(s, 0, nk_pad * sizeof(float));
+    return 1.0f;
+  }
+  const float new_max = std::max(run_max, block_max);
+  const float corr = run_max == kNegInf ? 0.0f : std::exp((run_max - new_max) * scale);
+  const __m512 m = _mm512_set1_ps(new_max), sc = _mm512_set1_ps(scale);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t n = 0; n < nk_pad; n += 16) {
+    __m512 p = Exp(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + n), m), sc));
+    if (visible) p = _mm512_maskz_mov_ps(visible[n / 16], p);
+    _mm512_storeu_ps(s + n, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  denom = denom * corr + ReduceAdd(sum);
+  run_max = new_max;
+  return corr;
+}
+
+// Ranges of a set of positions' segments and slots, over those with a non-zero segment.
+struct Range {
+  int32_t seg_min = std::numeric_limits<int32_t>::max(), seg_max = 0;
+  int32_t slot_min = std::numeric_limits<int32_t>::max(), slot_max = std::numeric_limits<int32_t>::min();
+  bool all_valid = true;  // every position has a non-zero segment
+
+  void Add(int32_t seg, int32_t slot) {
+    if (seg <= 0) {
+      all_valid = false;
+      return;
+    }
+    seg_min = std::min(seg_min, seg), seg_max = std::max(seg_max, seg);
+    slot_min = std::min(slot_min, slot), slot_max = std::max(slot_max, slot);
+  }
+  bool any() const { return seg_max > 0; }
+};
+
+enum class Visibility { kNone, kAll, kSome };
+
+Visibility Classify(const Range& q, const Range& kv, bool whole_block, bool causal) {
+  if (!q.any() || !kv.any() || kv.seg_max < q.seg_min || kv.seg_min > q.seg_max) return Visibility::kNone;
+  if (causal && kv.slot_min > q.slot_max) return Visibility::kNone;
+  const bool one_segment = q.seg_min == q.seg_max && kv.seg_min == kv.seg_max && q.seg_min == kv.seg_min;
+  if (whole_block && q.all_valid && kv.all_valid && one_segment && (!causal || kv.slot_max <= q.slot_min))
+    return Visibility::kAll;
+  return Visibility::kSome;
+}
+
+struct Problem {
+  const float *q, *k, *v;
+  const int32_t *q_seg, *kv_seg, *q_slot, *kv_slot;
+  float* out;
+  const float* kt;  // keys transposed per block: [B][KVH][block][d][kKeyBlock], zero past the last key
+  const float* vp;  // values per KV head: [B][KVH][S][d]
+  int64_t b, t, h, s, kvh, d;
+  float scale;
+  bool causal;
+};
+
+// One work item: query positions [p0, p1) of batch row ib, query heads of KV head ih.
+__attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib, int64_t ih, int64_t p0, int64_t p1) {
+  const int64_t g = P.h / P.kvh, d = P.d, rows = (p1 - p0) * g;
+  const int64_t padded_rows = (rows + kChunk - 1) / kChunk * kChunk;
+  const int64_t nv = (d + 15) / 16;
+  // Row r is query position p0 + r / g, head ih * g + r % g; padding rows repeat the last row (discarded).
+  std::vector<const float*> q_row(padded_rows);
+  std::vector<int32_t> row_seg(padded_rows), row_slot(padded_rows);
+  for (int64_t r = 0; r < padded_rows; ++r) {
+    const int64_t rr = std::min(r, rows - 1), pos = p0 + rr / g, head = ih * g + rr % g;
+    q_row[r] = P.q + ((ib * P.t + pos) * P.h + head) * d;
+    row_seg[r] = P.q_seg[ib * P.t + pos];
+    row_slot[r] = P.q_slot[ib * P.t + pos];
+  }
+  std::vector<Range> chunk_range(padded_rows / kChunk);
+  for (int64_t r = 0; r < padded_rows; ++r) chunk_range[r / kChunk].Add(row_seg[r], row_slot[r]);
+
+  std::vector<float> o(padded_rows * d, 0.0f), run_max(padded_rows, kNegInf), denom(padded_rows, 0.0f);
+  std::vector<float> s(kChunk * kKeyBlock), corr(kChunk);
+  std::vector<int32_t> key_seg(kKeyBlock), key_slot(kKeyBlock);
+  std::vector<__mmask16> visible(kChunk * kKeyBlock / 16);
+  for (int64_t k0 = 0; k0 < P.s; k0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, P.s - k0), nk_pad = (nk + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
+    Range keys;
+    for (int64_t j = 0; j < nk_pad; ++j) {  // padding keys: segment 0, never visible
+      key_seg[j] = j < nk ? P.kv_seg[ib * P.s + k0 + j] : 0;
+      key_slot[j] = j < nk ? P.kv_slot[ib * P.s + k0 + j] : 0;
+      keys.Add(key_seg[j], key_slot[j]);
+    }
+    const float* kt = P.kt + ((ib * P.kvh + ih) * ((P.s + kKeyBlock - 1) / kKeyBlock) + k0 / kKeyBlock) * d * kKeyBlock;
+    const float* v0 = P.vp + ((ib * P.kvh + ih) * P.s + k0) * d;
+    for (int64_t c = 0; c < padded_rows / kChunk; ++c) {
+      const Visibility vis = Classify(chunk_range[c], keys, nk == nk_pad, P.causal);
+      if (vis == Visibility::kNone) continue;
+      const int64_t r0 = c * kChunk;
+      for (int64_t r = 0; r < kChunk; r += kQKRows) Logits<kQKRows>(&q_row[r0 + r], kt, nk_pad, d, &s[r * nk_pad]);
+      if (vis == Visibility::kSome) {
+        for (int64_t r = 0; r < kChunk; ++r) {
+          const __m512i qs = _mm512_set1_epi32(row_seg[r0 + r]), ql = _mm512_set1_epi32(row_slot[r0 + r]);
+          for (int64_t n = 0; n < nk_pad; n += 16) {
+            const __m512i ks = _mm512_loadu_si512(&key_seg[n]), kl = _mm512_loadu_si512(&key_slot[n]);
+            __mmask16 m = _mm512_cmpeq_epi32_mask(ks, qs) & _mm512_cmpgt_epi32_mask(ks, _mm512_setzero_si512());
+            if (P.causal) m &= _mm512_cmple_epi32_mask(kl, ql);
+            visible[r * (nk_pad / 16) + n / 16] = m;
+          }
+        }
+      }
+      for (int64_t r = 0; r < kChunk; ++r)
+        corr[r] = SoftmaxRow(&s[r * nk_pad], nk_pad, vis == Visibility::kSome ? &visible[r * (nk_pad / 16)] : nullptr,
+                             P.scale, run_max[r0 + r], denom[r0 + r]);
+      kChunkPV[nv - 1](s.data(), nk_pad, v0, d, nk, corr.data(), &o[r0 * d], d);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = p0 + r / g, head = ih * g + r % g;
+    float* dst = P.out + ((ib * P.t + pos) * P.h + head) * d;
+    const float inv = denom[r] > 0.0f ? 1.0f / denom[r] : 0.0f;
+    for (int64_t e = 0; e < d; ++e) dst[e] = o[r * d + e] * inv;
+  }
+}
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                     ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg, ffi::Buffer<ffi::S32> q_slot,
+                     ffi::Buffer<ffi::S32> kv_slot, ffi::ResultBuffer<ffi::F32> out, float scale, int32_t causal) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || kd[3] != qd[3] ||
+      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || vd[3] != kd[3] || kd[2] == 0 || qd[2] % kd[2] != 0) {
+    return ffi::Error::InvalidArgument("attention expects q [B, T, H, D] and k, v [B, S, KVH, D] with KVH dividing H");
+  }
+  if (qd[3] < 1 || qd[3] > 128) return ffi::Error::InvalidArgument("attention supports head sizes 1 to 128");
+  const int64_t b = qd[0], t = qd[1], h = qd[2], s = kd[1], kvh = kd[2], d = qd[3];
+  if (q_seg.element_count() != b * t || q_slot.element_count() != b * t || kv_seg.element_count() != b * s ||
+      kv_slot.element_count() != b * s) {
+    return ffi::Error::InvalidArgument("attention expects segments and slots of shapes [B, T] and [B, S]");
+  }
+  // Keys transposed and values gathered once per (batch row, KV head): every query block reads them, and
+  // contiguous values keep a block's rows in a few pages (a [B, S, KVH, D] row stride can exceed a page).
+  const int64_t key_blocks = (s + kKeyBlock - 1) / kKeyBlock;
+  std::vector<float> kt(b * kvh * key_blocks * d * kKeyBlock, 0.0f), vp(b * kvh * s * d);
+  const float *kp = k.typed_data(), *v_in = v.typed_data();
+  nvila::ParallelFor(pool, b * kvh, [&](int64_t bh) {
+    const int64_t ib = bh / kvh, ih = bh % kvh;
+    for (int64_t j = 0; j < s; ++j) {
+      const int64_t at = ((ib * s + j) * kvh + ih) * d;
+      float* dst = &kt[(bh * key_blocks + j / kKeyBlock) * d * kKeyBlock + j % kKeyBlock];
+      for (int64_t e = 0; e < d; ++e) dst[e * kKeyBlock] = kp[at + e];
+      std::memcpy(&vp[(bh * s + j) * d], v_in + at, d * sizeof(float));
+    }
+  });
+  const Problem P{q.typed_data(),      kp,         v.typed_data(), q_seg.typed_data(), kv_seg.typed_data(),
+                  q_slot.typed_data(), kv_slot.typed_data(), out->typed_data(), kt.data(), vp.data(),
+                  b, t, h, s, kvh, d, scale, causal != 0};
+  // Query positions per item: about kItemRows rows, a whole number of chunks where the group size allows.
+  const int64_t g = h / kvh, unit = kChunk / std::gcd(g, kChunk);
+  const int64_t positions = std::max<int64_t>(unit, kItemRows / g / unit * unit);
+  const int64_t q_blocks = (t + positions - 1) / positions;
+  nvila::ParallelFor(pool, b * kvh * q_blocks, [&P, q_blocks, kvh, positions](int64_t item) {
+    const int64_t qb = q_blocks - 1 - item / (P.b * kvh), rest = item % (P.b * kvh);
+    const int64_t p0 = qb * positions, p1 = std::min(p0 + positions, P.t);
+    AttendItem(P, rest / kvh, rest % kvh, p0, p1);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int nvila_attention_supported() { return __builtin_cpu_supports("avx512f"); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvilaAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("causal"));

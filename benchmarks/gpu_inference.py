@@ -91,7 +91,8 @@ def main() -> None:
     rows = []
     for name, fn in (("nvila_jax (XLA)", prefill_jax), ("HF transformers (PyTorch)", prefill_torch)):
         best, med = common.timed(fn, args.repeats, warmup=1)
-        rows.append((name, f"{best * 1e3:.1f}", f"{med * 1e3:.1f}", f"{flops / best / 1e12:.0f}", f"{flops / best / peak:.0%}"))
+        rows.append((name, f"{best * 1e3:.1f}", f"{med * 1e3:.1f}", f"{flops / best / 1e12:.0f}",
+                     f"{flops / best / peak:.0%}"))
     print(f"\nprefill of {n} tokens, Qwen2.5-0.5B shape ({args.layers} layers), bf16, {flops / 1e12:.2f} TFLOP "
           f"(reference work); last-position logits differ by {diff:.1e} of their largest")
     print(common.report(rows, ("framework", "best ms", "median ms", "TFLOP/s", "of measured peak")))
@@ -126,8 +127,8 @@ def main() -> None:
                          f"{weight_bytes * steps_per_s / 1e9:.0f}", f"{weight_bytes * steps_per_s / bandwidth:.0%}"))
         print(f"batch {batch}: first 4 greedy tokens agree on {agree:.0%} (bf16 rounding differs); speed-up over "
               f"HF generate: {float(rows[-2][2]) / float(rows[-1][2]):.2f}x", flush=True)
-    print(f"\ndecode, Qwen2.5-0.5B shape ({args.layers} layers), bf16, {weight_bytes / 1e9:.2f} GB of weights per step, "
-          f"prompt {args.prompt}, {args.new} new tokens per row")
+    print(f"\ndecode, Qwen2.5-0.5B shape ({args.layers} layers), bf16, {weight_bytes / 1e9:.2f} GB of weights per "
+          f"step, prompt {args.prompt}, {args.new} new tokens per row")
     print(common.report(rows, ("batch", "framework", "tokens/s", "ms/step", "weights GB/s", "of read bandwidth")))
 
 

@@ -1,5 +1,5 @@
 """Building the C++ CPU kernels: one library per source in the cache, reused, nothing half-written left;
-a missing compiler and a broken source are clear errors."""
+a missing compiler and a broken source are clear errors; the switch that turns them off."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ def test_the_library_is_built_once_per_source_and_kept_in_the_cache(name, tmp_pa
     assert cpu_library.build(cpu_library.SOURCES / f"{name}.cc") == first
     assert os.stat(first).st_mtime_ns == stamp  # reused, not rebuilt
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_the_kernels_can_be_switched_off_for_comparisons(monkeypatch):
+    monkeypatch.setenv("NVILA_JAX_CPU_KERNELS", "0")
+    cpu_library.register.cache_clear()
+    try:
+        assert not cpu_library.register("attention", "NvilaAttention", "nvila_attention", "XLA")
+    finally:
+        cpu_library.register.cache_clear()  # the next caller registers again (registration is idempotent)
 
 
 def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
 Each source is compiled with the system's C++ compiler ($CXX, default g++) against jaxlib's XLA FFI headers,
 once per source (and the shared headers beside it), jaxlib and compiler, into $NVILA_JAX_CACHE/kernels
 (default ~/.cache/nvila_jax/kernels); the library is written to a temporary file and renamed, so concurrent
-processes never load a half-written one. Without a compiler, without AVX-512 or on another backend a kernel
-is reported unavailable (logged once) and its caller uses XLA.
+processes never load a half-written one. Without a compiler, without AVX-512, on another backend, or with
+NVILA_JAX_CPU_KERNELS=0 in the environment (to compare against XLA alone) a kernel is reported unavailable
+(logged once) and its caller uses XLA.
 """
 
 from __future__ import annotations
@@ -60,8 +61,12 @@ def build(source: Path) -> Path:
 def register(name: str, handler: str, target: str, fallback: str) -> bool:
     """Compile kernels/cpu/`name`.cc and register its `handler` symbol as the XLA FFI target `target`. True
     when it can run here: a CPU backend, a working compiler, and a CPU with AVX-512 (the library's
-    `nvila_<name>_supported()`); otherwise logs once that `fallback` is used instead."""
+    `nvila_<name>_supported()`) and NVILA_JAX_CPU_KERNELS is not 0; otherwise logs once that `fallback` is
+    used instead."""
     if platform() != "cpu":
+        return False
+    if os.environ.get("NVILA_JAX_CPU_KERNELS", "1") == "0":
+        log_once(f"{name}: NVILA_JAX_CPU_KERNELS=0; using {fallback}")
         return False
     try:
         lib = ctypes.CDLL(str(build(SOURCES / f"{name}.cc")))

@@ -203,21 +203,25 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
   const int64_t padded_rows = (rows + kChunk - 1) / kChunk * kChunk;
   const int64_t nv = (d + 15) / 16;
   // Row r is query position p0 + r / g, head ih * g + r % g; padding rows repeat the last row (discarded).
-  std::vector<const float*> q_row(padded_rows);
-  std::vector<int32_t> row_seg(padded_rows), row_slot(padded_rows);
+  // Per-thread buffers, reused across items and calls (fresh allocations of this size cost page faults).
+  thread_local std::vector<const float*> q_row;
+  thread_local std::vector<int32_t> row_seg, row_slot, key_seg, key_slot;
+  thread_local std::vector<float> o, run_max, denom, s, corr;
+  thread_local std::vector<__mmask16> visible;
+  thread_local std::vector<Range> chunk_range;
+  q_row.resize(padded_rows), row_seg.resize(padded_rows), row_slot.resize(padded_rows);
   for (int64_t r = 0; r < padded_rows; ++r) {
     const int64_t rr = std::min(r, rows - 1), pos = p0 + rr / g, head = ih * g + rr % g;
     q_row[r] = P.q + ((ib * P.t + pos) * P.h + head) * d;
     row_seg[r] = P.q_seg[ib * P.t + pos];
     row_slot[r] = P.q_slot[ib * P.t + pos];
   }
-  std::vector<Range> chunk_range(padded_rows / kChunk);
+  chunk_range.assign(padded_rows / kChunk, Range());
   for (int64_t r = 0; r < padded_rows; ++r) chunk_range[r / kChunk].Add(row_seg[r], row_slot[r]);
 
-  std::vector<float> o(padded_rows * d, 0.0f), run_max(padded_rows, kNegInf), denom(padded_rows, 0.0f);
-  std::vector<float> s(kChunk * kKeyBlock), corr(kChunk);
-  std::vector<int32_t> key_seg(kKeyBlock), key_slot(kKeyBlock);
-  std::vector<__mmask16> visible(kChunk * kKeyBlock / 16);
+  o.assign(padded_rows * d, 0.0f), run_max.assign(padded_rows, kNegInf), denom.assign(padded_rows, 0.0f);
+  s.resize(kChunk * kKeyBlock), corr.resize(kChunk), key_seg.resize(kKeyBlock), key_slot.resize(kKeyBlock);
+  visible.resize(kChunk * kKeyBlock / 16);
   for (int64_t k0 = 0; k0 < P.s; k0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, P.s - k0), nk_pad = (nk + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
     Range keys;
@@ -274,20 +278,27 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   }
   // Keys transposed and values gathered once per (batch row, KV head): every query block reads them, and
   // contiguous values keep a block's rows in a few pages (a [B, S, KVH, D] row stride can exceed a page).
-  const int64_t key_blocks = (s + kKeyBlock - 1) / kKeyBlock;
-  std::vector<float> kt(b * kvh * key_blocks * d * kKeyBlock, 0.0f), vp(b * kvh * s * d);
+  // The buffer belongs to the calling thread and is reused by its later calls (no page faults per call).
+  const int64_t key_blocks = (s + kKeyBlock - 1) / kKeyBlock, kt_size = b * kvh * key_blocks * d * kKeyBlock;
+  thread_local std::vector<float> packed;
+  if (packed.size() < static_cast<size_t>(kt_size + b * kvh * s * d)) packed.resize(kt_size + b * kvh * s * d);
+  float *kt = packed.data(), *vp = kt + kt_size;
   const float *kp = k.typed_data(), *v_in = v.typed_data();
   nvila::ParallelFor(pool, b * kvh, [&](int64_t bh) {
     const int64_t ib = bh / kvh, ih = bh % kvh;
-    for (int64_t j = 0; j < s; ++j) {
-      const int64_t at = ((ib * s + j) * kvh + ih) * d;
+    for (int64_t j = 0; j < key_blocks * kKeyBlock; ++j) {  // keys past the last: zeros
       float* dst = &kt[(bh * key_blocks + j / kKeyBlock) * d * kKeyBlock + j % kKeyBlock];
+      if (j >= s) {
+        for (int64_t e = 0; e < d; ++e) dst[e * kKeyBlock] = 0.0f;
+        continue;
+      }
+      const int64_t at = ((ib * s + j) * kvh + ih) * d;
       for (int64_t e = 0; e < d; ++e) dst[e * kKeyBlock] = kp[at + e];
       std::memcpy(&vp[(bh * s + j) * d], v_in + at, d * sizeof(float));
     }
   });
   const Problem P{q.typed_data(),      kp,         v.typed_data(), q_seg.typed_data(), kv_seg.typed_data(),
-                  q_slot.typed_data(), kv_slot.typed_data(), out->typed_data(), kt.data(), vp.data(),
+                  q_slot.typed_data(), kv_slot.typed_data(), out->typed_data(), kt, vp,
                   b, t, h, s, kvh, d, scale, causal != 0};
   // Query positions per item: about kItemRows rows, a whole number of chunks where the group size allows.
   const int64_t g = h / kvh, unit = kChunk / std::gcd(g, kChunk);

@@ -62,9 +62,7 @@ def main() -> None:
 
         same = run_jax(args.new) == run_torch(args.new)
         for name, run in (("nvila_jax (XLA)", run_jax), ("HF generate (PyTorch)", run_torch)):
-            full, _ = common.timed(lambda: run(args.new), args.repeats, warmup=0)  # warmed up by the comparison
-            first, _ = common.timed(lambda: run(1), args.repeats)
-            steps_per_s = (args.new - 1) / (full - first)
+            steps_per_s = common.decode_steps_per_s(run, args.new, args.repeats)  # warmed up by the comparison
             rows.append((str(batch), name, f"{batch * steps_per_s:.1f}", f"{steps_per_s:.2f}",
                          f"{weight_bytes * steps_per_s / 1e9:.2f}", f"{weight_bytes * steps_per_s / limits.read_bandwidth:.0%}"))
         jax_tps, torch_tps = float(rows[-2][2]), float(rows[-1][2])

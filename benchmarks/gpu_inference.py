@@ -120,9 +120,7 @@ def main() -> None:
         a, b = run_jax(args.new), run_torch(args.new)
         agree = float(np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra[:4], rb[:4])]))
         for name, run in (("nvila_jax (XLA)", run_jax), ("HF generate (PyTorch)", run_torch)):
-            full, _ = common.timed(lambda: run(args.new), args.repeats, warmup=0)
-            first, _ = common.timed(lambda: run(1), args.repeats)
-            steps_per_s = (args.new - 1) / (full - first)
+            steps_per_s = common.decode_steps_per_s(run, args.new, args.repeats)  # warmed up by the comparison
             rows.append((str(batch), name, f"{batch * steps_per_s:.0f}", f"{1e3 / steps_per_s:.2f}",
                          f"{weight_bytes * steps_per_s / 1e9:.0f}", f"{weight_bytes * steps_per_s / bandwidth:.0%}"))
         print(f"batch {batch}: first 4 greedy tokens agree on {agree:.0%} (bf16 rounding differs); speed-up over "

@@ -44,6 +44,15 @@ def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[
     return min(times), statistics.median(times)
 
 
+def decode_steps_per_s(generate: Callable[[int], object], new: int, repeats: int) -> float:
+    """Decode steps per second of `generate(n)` (generates n tokens per row): the time of `new` tokens minus the
+    time of one (the prefill), over new - 1 steps. The first timing is not warmed up: call generate(new) once
+    before (e.g. to compare outputs)."""
+    full, _ = timed(lambda: generate(new), repeats, warmup=0)
+    first, _ = timed(lambda: generate(1), repeats)
+    return (new - 1) / (full - first)
+
+
 @dataclasses.dataclass(frozen=True)
 class MachineLimits:
     matmul_flops: float  # best float32 GEMM rate of torch and XLA, FLOP/s

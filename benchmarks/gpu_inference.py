@@ -28,11 +28,16 @@ from nvila_jax.models.qwen2 import KVCache
 from nvila_jax.text.fusion import FusedSequence
 
 
+def synchronizer(device: str):
+    """Waits for torch's queued work on `device` (nothing to wait for on a CPU)."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
 def gpu_limits(device: str) -> tuple[float, float]:
     """(best bf16 GEMM FLOP/s of torch and XLA on an 8192^3 product, best read bytes/s summing 4 GiB of bf16)."""
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     t_torch, _ = common.timed(lambda: (torch.mm(a, a), sync()), repeats=10, warmup=3)
     ja = jnp.asarray(a.float().cpu().numpy(), jnp.bfloat16)
     mm = jax.jit(jnp.matmul)
@@ -64,7 +69,7 @@ def main() -> None:
     ref, params = common.reference_and_params(cfg)
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     llm = ref.llm.to(device=device, dtype=torch.bfloat16)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     module = NVILA(cfg, dtype=jnp.bfloat16, scan_layers=False)
 
     n = args.tokens

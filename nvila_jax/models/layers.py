@@ -111,6 +111,12 @@ class AttentionMask:
     kv_slot: jax.Array  # [B, S] int32
     causal: bool = True
 
+    @classmethod
+    def all_visible(cls, batch: int, queries: int, keys: int) -> AttentionMask:
+        """Every query sees every key (no mask: the vision tower), for code that needs the arrays."""
+        zeros_q, zeros_kv = jnp.zeros((batch, queries), jnp.int32), jnp.zeros((batch, keys), jnp.int32)
+        return cls(zeros_q + 1, zeros_kv + 1, zeros_q, zeros_kv, causal=False)
+
     def dense(self) -> jax.Array:
         """The [B, T, S] boolean mask."""
         m = (self.q_segment[:, :, None] == self.kv_segment[:, None, :]) & (self.kv_segment[:, None, :] > 0)
@@ -178,8 +184,7 @@ def _kernel_attention(
     """The CPU kernel's forward pass; the gradient is `xla_attention`'s (same function, same numbers up to
     float32 rounding)."""
     if mask is None:
-        ones_q, ones_kv = jnp.ones(q.shape[:2], jnp.int32), jnp.ones(k.shape[:2], jnp.int32)
-        return cpu_attention.attention(q, k, v, ones_q, ones_kv, ones_q, ones_kv, scale, causal=False)
+        mask = AttentionMask.all_visible(q.shape[0], q.shape[1], k.shape[1])
     return cpu_attention.attention(q, k, v, mask.q_segment, mask.kv_segment, mask.q_slot, mask.kv_slot, scale,
                                    causal=mask.causal)
 
@@ -240,8 +245,7 @@ def blocked_attention(
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     if mask is None:
-        zeros_q, zeros_kv = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
-        mask = AttentionMask(zeros_q + 1, zeros_kv + 1, zeros_q, zeros_kv, causal=False)
+        mask = AttentionMask.all_visible(b, t, s)
     bq, bk = min(block_q, t), min(block_kv, s)
     nq, nk = -(-t // bq), -(-s // bk)
     q = _pad_to(q, 1, nq * bq)  # padded queries have segment 0: they see nothing and come out as zeros

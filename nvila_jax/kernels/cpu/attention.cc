@@ -80,10 +80,11 @@ __attribute__((target("avx512f"))) void Logits(const float* const* q, const floa
   }
 }
 
-// o[r] = o[r] * corr[r] + p[r][0:nk] @ v[0:nk] for R rows of NV vectors (d <= 16 NV, the last one masked).
+// o[r] = o[r] * corr[r] + p[r][0:nk] @ v[0:nk] for R rows of NV vectors (d <= 16 NV, the last one masked);
+// v holds nk contiguous rows of d values.
 template <int R, int NV>
-__attribute__((target("avx512f"))) void AccumulatePV(const float* p, int64_t ldp, const float* v, int64_t v_stride,
-                                                     int64_t nk, const float* corr, float* o, int64_t d) {
+__attribute__((target("avx512f"))) void AccumulatePV(const float* p, int64_t ldp, const float* v, int64_t nk,
+                                                     const float* corr, float* o, int64_t d) {
   __mmask16 mask[NV];
 #pragma GCC unroll 8
   for (int i = 0; i < NV; ++i) mask[i] = i < NV - 1 ? 0xFFFF : static_cast<__mmask16>((1u << (d - 16 * (NV - 1))) - 1u);
@@ -94,7 +95,7 @@ __attribute__((target("avx512f"))) void AccumulatePV(const float* p, int64_t ldp
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask[i], o + r * d + 16 * i), c);
   }
-  for (int64_t j = 0; j < nk; ++j, v += v_stride) {
+  for (int64_t j = 0; j < nk; ++j, v += d) {
     __m512 vv[NV];
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) vv[i] = _mm512_maskz_loadu_ps(mask[i], v + 16 * i);
@@ -113,20 +114,16 @@ __attribute__((target("avx512f"))) void AccumulatePV(const float* p, int64_t ldp
 
 // The kChunk rows of a chunk through AccumulatePV in groups that fit the 24-accumulator register budget.
 template <int NV>
-__attribute__((target("avx512f"))) void ChunkPV(const float* p, int64_t ldp, const float* v, int64_t v_stride,
-                                                int64_t nk, const float* corr, float* o, int64_t d) {
+__attribute__((target("avx512f"))) void ChunkPV(const float* p, int64_t ldp, const float* v, int64_t nk,
+                                                const float* corr, float* o, int64_t d) {
   constexpr int R = 24 / NV >= 6 ? 6 : 24 / NV;  // 6, 4 or 3: each divides kChunk
   for (int64_t r = 0; r < kChunk; r += R)
-    AccumulatePV<R, NV>(p + r * ldp, ldp, v, v_stride, nk, corr + r, o + r * d, d);
+    AccumulatePV<R, NV>(p + r * ldp, ldp, v, nk, corr + r, o + r * d, d);
 }
 
-using ChunkPVFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
+using ChunkPVFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t);
 constexpr ChunkPVFn kChunkPV[8] = {ChunkPV<1>, ChunkPV<2>, ChunkPV<3>, ChunkPV<4>,
                                    ChunkPV<5>, ChunkPV<6>, ChunkPV<7>, ChunkPV<8>};
-
-// Horizontal reductions.
-__attribute__((target("avx512f"))) inline float ReduceMax(__m512 x) { return _mm512_reduce_max_ps(x); }
-__attribute__((target("avx512f"))) inline float ReduceAdd(__m512 x) { return _mm512_reduce_add_ps(x); }
 
 // Online-softmax update of one row over a key block: s (logits, nk_pad wide) becomes the row's unnormalised
 // probabilities; `visible` holds one 16-key mask per vector, or is null when every key is visible. Returns
@@ -138,7 +135,7 @@ __attribute__((target("avx512f"))) float SoftmaxRow(float* s, int64_t nk_pad, co
     const __m512 x = _mm512_loadu_ps(s + n);
     mx = visible ? _mm512_mask_max_ps(mx, visible[n / 16], mx, x) : _mm512_max_ps(mx, x);
   }
-  const float block_max = ReduceMax(mx);
+  const float block_max = _mm512_reduce_max_ps(mx);
   if (block_max == kNegInf) {  // this row sees nothing in the block
     std::memset(s, 0, nk_pad * sizeof(float));
     return 1.0f;
@@ -153,7 +150,7 @@ __attribute__((target("avx512f"))) float SoftmaxRow(float* s, int64_t nk_pad, co
     _mm512_storeu_ps(s + n, p);
     sum = _mm512_add_ps(sum, p);
   }
-  denom = denom * corr + ReduceAdd(sum);
+  denom = denom * corr + _mm512_reduce_add_ps(sum);
   run_max = new_max;
   return corr;
 }
@@ -187,7 +184,7 @@ Visibility Classify(const Range& q, const Range& kv, bool whole_block, bool caus
 }
 
 struct Problem {
-  const float *q, *k, *v;
+  const float* q;
   const int32_t *q_seg, *kv_seg, *q_slot, *kv_slot;
   float* out;
   const float* kt;  // keys transposed per block: [B][KVH][block][d][kKeyBlock], zero past the last key
@@ -251,7 +248,7 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
       for (int64_t r = 0; r < kChunk; ++r)
         corr[r] = SoftmaxRow(&s[r * nk_pad], nk_pad, vis == Visibility::kSome ? &visible[r * (nk_pad / 16)] : nullptr,
                              P.scale, run_max[r0 + r], denom[r0 + r]);
-      kChunkPV[nv - 1](s.data(), nk_pad, v0, d, nk, corr.data(), &o[r0 * d], d);
+      kChunkPV[nv - 1](s.data(), nk_pad, v0, nk, corr.data(), &o[r0 * d], d);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -297,9 +294,8 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
       std::memcpy(&vp[(bh * s + j) * d], v_in + at, d * sizeof(float));
     }
   });
-  const Problem P{q.typed_data(),      kp,         v.typed_data(), q_seg.typed_data(), kv_seg.typed_data(),
-                  q_slot.typed_data(), kv_slot.typed_data(), out->typed_data(), kt, vp,
-                  b, t, h, s, kvh, d, scale, causal != 0};
+  const Problem P{q.typed_data(),      q_seg.typed_data(), kv_seg.typed_data(), q_slot.typed_data(),
+                  kv_slot.typed_data(), out->typed_data(), kt,       vp, b, t, h, s, kvh, d, scale, causal != 0};
   // Query positions per item: about kItemRows rows, a whole number of chunks where the group size allows.
   const int64_t g = h / kvh, unit = kChunk / std::gcd(g, kChunk);
   const int64_t positions = std::max<int64_t>(unit, kItemRows / g / unit * unit);

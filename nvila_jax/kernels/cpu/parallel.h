@@ -10,6 +10,9 @@
 
 namespace nvila {
 
+// Threads of the pool (at least 1): what a kernel splits its work for.
+inline int64_t Threads(xla::ffi::ThreadPool& pool) { return pool.num_threads() > 0 ? pool.num_threads() : 1; }
+
 // Runs body(part) for part in [0, parts). Parts are claimed from a shared counter by the caller and by the
 // tasks it schedules, so the caller finishes the work itself when the pool has no free thread (never waiting
 // on a task that cannot start), and uneven parts balance themselves. The counters live on the heap: a task
@@ -26,8 +29,7 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t parts, const Body& body) {
       shared->done.fetch_add(1);
     }
   };
-  const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
-  const int64_t helpers = (parts < threads ? parts : threads) - 1;
+  const int64_t threads = Threads(pool), helpers = (parts < threads ? parts : threads) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));  // each task owns a copy
   work();
   while (shared->done.load() < parts) std::this_thread::yield();

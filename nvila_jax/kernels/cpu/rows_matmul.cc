@@ -86,8 +86,7 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* op = out->typed_data();
-  const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
-  const int64_t per = ((n + threads - 1) / threads + kTile - 1) / kTile * kTile;
+  const int64_t threads = nvila::Threads(pool), per = ((n + threads - 1) / threads + kTile - 1) / kTile * kTile;
   nvila::ParallelFor(pool, (n + per - 1) / per, [=](int64_t p) {
     const int64_t n0 = p * per, n1 = n0 + per < n ? n0 + per : n;
     Columns(xp, wp, op, m, k, n, n0, n1);

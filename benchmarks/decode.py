@@ -22,8 +22,7 @@ from nvila_jax.accounting import llm_decode_weight_bytes
 from nvila_jax.inference.engine import Engine
 from nvila_jax.inference.request import Request
 from nvila_jax.inference.sampling import SamplingParams
-from nvila_jax.kernels.rows_matmul import RowsDotGeneral
-from nvila_jax.models.nvila import NVILA
+from nvila_jax.model import inference_module
 from nvila_jax.text.fusion import FusedSequence
 
 
@@ -37,7 +36,7 @@ def main() -> None:
     args = p.parse_args()
 
     limits, cfg, ref, params = common.setup(vision_layers=1, llm_layers=args.layers)
-    module = NVILA(cfg, scan_layers=False, llm_dot_general_cls=RowsDotGeneral)  # as NVILAModel builds it
+    module = inference_module(cfg)  # as NVILAModel builds it
     engine = Engine(cfg, module, stop_token_ids=(), pad_id=0)
     weight_bytes = llm_decode_weight_bytes(cfg.llm, 4)
     rng = np.random.default_rng(0)

@@ -23,7 +23,7 @@ from nvila_jax.accounting import llm_decode_weight_bytes, llm_prefill_flops
 from nvila_jax.inference.engine import Engine, PrefillInputs, _prefill
 from nvila_jax.inference.request import Request
 from nvila_jax.inference.sampling import SamplingParams
-from nvila_jax.models.nvila import NVILA
+from nvila_jax.model import inference_module
 from nvila_jax.models.qwen2 import KVCache
 from nvila_jax.text.fusion import FusedSequence
 
@@ -70,7 +70,7 @@ def main() -> None:
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     llm = ref.llm.to(device=device, dtype=torch.bfloat16)
     sync = synchronizer(device)
-    module = NVILA(cfg, dtype=jnp.bfloat16, scan_layers=False)
+    module = inference_module(cfg, jnp.bfloat16)
 
     n = args.tokens
     ids = np.random.default_rng(0).integers(0, 151000, (1, n)).astype(np.int32)

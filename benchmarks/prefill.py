@@ -23,7 +23,7 @@ import torch
 
 from nvila_jax.accounting import llm_prefill_flops
 from nvila_jax.inference.engine import PrefillInputs, _prefill
-from nvila_jax.models.nvila import NVILA
+from nvila_jax.model import inference_module
 from nvila_jax.models.qwen2 import KVCache
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     flops = llm_prefill_flops(cfg.llm, n)
     executed = llm_prefill_flops(cfg.llm, n, last_only=True)
 
-    module = NVILA(cfg, scan_layers=False)
+    module = inference_module(cfg)  # as NVILAModel builds it
     inputs = PrefillInputs(jnp.asarray(ids), jnp.full((1, n), -1, jnp.int32), jnp.arange(n, dtype=jnp.int32)[None],
                            jnp.ones((1, n), jnp.int32), jnp.zeros((0, cfg.llm.hidden_size), jnp.float32))
     cache_len = n + 64

@@ -29,7 +29,8 @@ import numpy as np
 from nvila_jax.accounting import account
 from nvila_jax.config import MediaEncoderConfig, ProjectorConfig
 from nvila_jax.inference.engine import PrefillInputs, _prefill
-from nvila_jax.models.nvila import NVILA, init_params
+from nvila_jax.model import inference_module
+from nvila_jax.models.nvila import init_params
 from nvila_jax.models.qwen2 import unstack_layer_params
 from nvila_jax.models.qwen2 import KVCache
 from nvila_jax.variants import get_variant
@@ -72,7 +73,7 @@ def main() -> None:
     limits = common.measure_machine()
     print(limits.describe(), flush=True)
     cfg = common.bench_config(vision_layers=1, llm_layers=args.layers)
-    module = NVILA(cfg, scan_layers=False)  # NVILAModel's inference layout
+    module = inference_module(cfg)  # as NVILAModel builds it
     params = unstack_layer_params(nn.meta.unbox(init_params(cfg, jax.random.key(0))))
     d = cfg.llm.hidden_size
     rng = np.random.default_rng(0)

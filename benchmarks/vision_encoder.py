@@ -24,7 +24,7 @@ from helpers.torch_nvila import random_image
 from nvila_jax.accounting import image_tokens, projector_flops, vision_encoder_flops
 from nvila_jax.inference.engine import Engine
 from nvila_jax.inference.request import prepare_request
-from nvila_jax.models.nvila import NVILA
+from nvila_jax.model import inference_module
 from nvila_jax.text.tiny_tokenizer import build_tiny_tokenizer
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     w, h = (int(v) for v in args.image.split("x"))
     req = prepare_request(cfg, build_tiny_tokenizer(), "Describe the image.", [random_image(w, h)])
     tiles = req.images[0]
-    engine = Engine(cfg, NVILA(cfg, scan_layers=False), stop_token_ids=(), pad_id=0)
+    engine = Engine(cfg, inference_module(cfg), stop_token_ids=(), pad_id=0)
     pixels = torch.from_numpy(tiles.pixels).permute(0, 3, 1, 2).contiguous()
 
     def run_jax():

@@ -26,6 +26,15 @@ from nvila_jax.models.qwen2 import unstack_layer_params
 from nvila_jax.text.tokenizer import NVILATokenizer
 
 
+def inference_module(config: NVILAConfig, dtype: Any = jnp.float32, one_device: bool = True) -> NVILA:
+    """The NVILA module that inference runs: the LLM's per-layer parameter layout (each weight read once per
+    decode step) and, on one device, the weight-streaming kernel for decode-step products of a few rows, LM
+    head included (`kernels.rows_matmul`; XLA's dot where it cannot run)."""
+    rows_kernel = RowsDotGeneral if one_device else None
+    return NVILA(config, dtype=dtype, scan_layers=False, llm_dot_general_cls=rows_kernel,
+                 llm_logits_dot_general_cls=rows_kernel)
+
+
 class NVILAModel:
     """A ready-to-run NVILA. Parameters stay a plain pytree (`self.params`), passed to jitted programs, with the
     LLM's layers one subtree each (the `NVILA(scan_layers=False)` layout; stacked trees are split on the way in).
@@ -53,9 +62,7 @@ class NVILAModel:
         placed = nn.meta.unbox(params) if mesh is None else sharding.shard_params(params, config, mesh)
         self.params = unstack_layer_params(placed)  # one array per LLM layer: decoding reads each weight once
         self.tokenizer = tokenizer
-        # Decode steps of a few rows read the LLM's weights with the streaming kernel on a CPU (one device).
-        rows_kernel = RowsDotGeneral if mesh is None else None
-        self.module = NVILA(config, dtype=dtype, scan_layers=False, llm_dot_general_cls=rows_kernel)
+        self.module = inference_module(config, dtype, one_device=mesh is None)
         self.suppressed_token_ids = tuple(sorted({int(i) for i in suppressed_token_ids}))
         bad = [i for i in self.suppressed_token_ids if not 0 <= i < config.llm.vocab_size]
         if bad:

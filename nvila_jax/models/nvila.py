@@ -25,7 +25,8 @@ class NVILA(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
     stc_impl: str = "auto"
-    llm_dot_general_cls: Any = None
+    llm_dot_general_cls: Any = None  # the LLM decoder layers' linears (see Qwen2LM)
+    llm_logits_dot_general_cls: Any = None  # the LM head's product
     scan_layers: bool = True  # False: the LLM's per-layer parameter layout for inference (see Qwen2LM)
 
     def setup(self) -> None:
@@ -34,7 +35,7 @@ class NVILA(nn.Module):
         self.vision_tower = SiglipVisionTower(c.vision, c.num_vision_layers_used, remat=self.remat, **kw)
         self.projector = Projector(c.projector, stc_impl=self.stc_impl, **kw)
         self.llm = Qwen2LM(c.llm, remat=self.remat, dot_general_cls=self.llm_dot_general_cls,
-                           scan_layers=self.scan_layers, **kw)
+                           logits_dot_general_cls=self.llm_logits_dot_general_cls, scan_layers=self.scan_layers, **kw)
 
     # ------------------------------------------------------------------ vision
     def tile_features(self, pixels: jax.Array) -> jax.Array:

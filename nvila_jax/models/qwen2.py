@@ -122,7 +122,8 @@ class Qwen2LM(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
-    dot_general_cls: Any = None
+    dot_general_cls: Any = None  # the decoder layers' linears (FP8 training, weight-only FP8, decode kernel)
+    logits_dot_general_cls: Any = None  # the LM head's product, tied ([B, D] x [vocab, D]^T) or not
     scan_layers: bool = True
 
     def setup(self) -> None:
@@ -143,7 +144,7 @@ class Qwen2LM(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
+                                 param_dtype=self.param_dtype, dot_general_cls=self.logits_dot_general_cls)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
@@ -165,7 +166,9 @@ class Qwen2LM(nn.Module):
             # hidden @ table^T contracted in place: Embed.attend's `table.T` makes XLA copy the whole
             # [vocab, D] table on every call (a full extra read and write per decode step).
             table = jnp.asarray(self.embed_tokens.embedding, self.dtype)
-            out = jnp.einsum("vd,...d->...v", table, hidden.astype(self.dtype))
+            h = hidden.astype(self.dtype)
+            dot_general = self.logits_dot_general_cls() if self.logits_dot_general_cls else jax.lax.dot_general
+            out = dot_general(h, table, (((h.ndim - 1,), (1,)), ((), ())))
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)

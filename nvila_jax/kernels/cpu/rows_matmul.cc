@@ -1,13 +1,20 @@
-// x [M, K] @ w [K, N] for a few rows (M <= 16, float32) on AVX-512 CPUs: the weight-streaming product of
-// batched decoding. A GEMM library packs the weight and reads it at a fraction of the memory bandwidth when
-// M is small; here the weight is read once, in its stored layout. K is walked in blocks of kRowBlock rows;
-// within a block each weight row is one sequential stream across the column range, and the accumulators of
-// a 32-column tile (two 16-float vectors per input row) stay in registers. Columns are split over XLA's
-// intra-op thread pool.
+// x [M, K] times a weight for a few rows (M <= 16, float32) on AVX-512 CPUs: the weight-streaming product of
+// decoding, bound by reading the weight. A GEMM library packs the weight and reads it at a fraction of the
+// memory bandwidth when M is small; here it is read once, in its stored layout, either
+//  - w [K, N] (a dense layer's kernel): K in blocks of kRowBlock rows; the accumulators of a column tile stay
+//    in registers while the tile's rows are read, and the same tile kPrefetchRows rows further on is
+//    prefetched (the hardware prefetcher alone does not follow these short row segments); or
+//  - w [N, K] with transposed=true (a tied LM head, the [vocab, hidden] embedding table; up to 8 rows): groups
+//    of whole rows of w, each a sequential stream, dotted with every x row, the next group prefetched.
+// Work is split over XLA's intra-op thread pool by columns, or by K (partial sums added at the end) where a
+// thread's share of a w [K, N] row would be too short to stream.
 #include <immintrin.h>
 
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -16,37 +23,44 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+constexpr int kMaxRows = 16;
+constexpr int kMaxTransposedRows = 8;  // beyond, the x rows of a long K outgrow L1 (one load per x row per FMA)
 constexpr int64_t kRowBlock = 16;
-constexpr int64_t kTile = 32;
-constexpr int64_t kMaxRows = 8;  // register budget: 2 * kMaxRows accumulators
+constexpr int64_t kPrefetchRows = 16;
+constexpr int64_t kMinSegmentBytes = 8192;
 
+inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+
+// out[:, n0:n1] = x[:, k_begin:k_end] @ w[k_begin:k_end, n0:n1] for w [K, N]. Tiles of V vectors: two while
+// 2 * M accumulators fit the registers, one beyond, so that up to 16 rows share one pass over the weight.
 template <int M>
-__attribute__((target("avx512f"))) void RowGroup(const float* x, const float* w, float* out, int64_t k_total,
-                                                 int64_t n_total, int64_t n0, int64_t n1) {
-  const int64_t full_end = n0 + (n1 - n0) / kTile * kTile;
+__attribute__((target("avx512f"))) void ProductKN(const float* x, const float* w, float* out, int64_t k_total,
+                                                  int64_t n_total, int64_t k_begin, int64_t k_end, int64_t n0,
+                                                  int64_t n1) {
+  constexpr int V = M <= 8 ? 2 : 1;
+  constexpr int64_t tile = 16 * V;
+  const int64_t full_end = n0 + (n1 - n0) / tile * tile;
   for (int m = 0; m < M; ++m) std::memset(out + m * n_total + n0, 0, (n1 - n0) * sizeof(float));
-  for (int64_t k0 = 0; k0 < k_total; k0 += kRowBlock) {
-    const int64_t rows = k_total - k0 < kRowBlock ? k_total - k0 : kRowBlock;
-    for (int64_t n = n0; n < full_end; n += kTile) {
-      __m512 lo[M], hi[M];
-      for (int m = 0; m < M; ++m) {
-        lo[m] = _mm512_loadu_ps(out + m * n_total + n);
-        hi[m] = _mm512_loadu_ps(out + m * n_total + n + 16);
-      }
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kRowBlock) {
+    const int64_t rows = k_end - k0 < kRowBlock ? k_end - k0 : kRowBlock;
+    for (int64_t n = n0; n < full_end; n += tile) {
+      __m512 acc[M][V];
+      for (int m = 0; m < M; ++m)
+        for (int v = 0; v < V; ++v) acc[m][v] = _mm512_loadu_ps(out + m * n_total + n + 16 * v);
       const float* wp = w + k0 * n_total + n;
       for (int64_t k = 0; k < rows; ++k, wp += n_total) {
-        const __m512 w_lo = _mm512_loadu_ps(wp), w_hi = _mm512_loadu_ps(wp + 16);
-        _mm_prefetch(reinterpret_cast<const char*>(wp + 8 * kTile), _MM_HINT_T0);
+        __m512 wv[V];
+        for (int v = 0; v < V; ++v) {
+          wv[v] = _mm512_loadu_ps(wp + 16 * v);
+          Prefetch(wp + kPrefetchRows * n_total + 16 * v);  // may point past w: a prefetch never faults
+        }
         for (int m = 0; m < M; ++m) {
           const __m512 s = _mm512_set1_ps(x[m * k_total + k0 + k]);
-          lo[m] = _mm512_fmadd_ps(s, w_lo, lo[m]);
-          hi[m] = _mm512_fmadd_ps(s, w_hi, hi[m]);
+          for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(s, wv[v], acc[m][v]);
         }
       }
-      for (int m = 0; m < M; ++m) {
-        _mm512_storeu_ps(out + m * n_total + n, lo[m]);
-        _mm512_storeu_ps(out + m * n_total + n + 16, hi[m]);
-      }
+      for (int m = 0; m < M; ++m)
+        for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + m * n_total + n + 16 * v, acc[m][v]);
     }
     for (int64_t n = full_end; n < n1; ++n) {  // columns past the last whole tile
       for (int m = 0; m < M; ++m) {
@@ -58,38 +72,99 @@ __attribute__((target("avx512f"))) void RowGroup(const float* x, const float* w,
   }
 }
 
-void Columns(const float* x, const float* w, float* out, int64_t m_total, int64_t k_total, int64_t n_total,
-             int64_t n0, int64_t n1) {
-  for (int64_t r = 0; r < m_total; r += kMaxRows) {
-    const float* xr = x + r * k_total;
-    float* outr = out + r * n_total;
-    switch (m_total - r < kMaxRows ? m_total - r : kMaxRows) {
-      case 1: RowGroup<1>(xr, w, outr, k_total, n_total, n0, n1); break;
-      case 2: RowGroup<2>(xr, w, outr, k_total, n_total, n0, n1); break;
-      case 3: RowGroup<3>(xr, w, outr, k_total, n_total, n0, n1); break;
-      case 4: RowGroup<4>(xr, w, outr, k_total, n_total, n0, n1); break;
-      case 5: RowGroup<5>(xr, w, outr, k_total, n_total, n0, n1); break;
-      case 6: RowGroup<6>(xr, w, outr, k_total, n_total, n0, n1); break;
-      case 7: RowGroup<7>(xr, w, outr, k_total, n_total, n0, n1); break;
-      default: RowGroup<8>(xr, w, outr, k_total, n_total, n0, n1); break;
+// out[:, n:n+G] = x @ w[n:n+G, :]^T for w [N, K]: G whole rows of w against every x row, accumulated over K
+// in vectors (the last one masked) and reduced at the end.
+template <int M, int G>
+__attribute__((target("avx512f"))) void DotsNK(const float* x, const float* w, float* out, int64_t k_total,
+                                               int64_t n_total, int64_t n) {
+  __m512 acc[M][G];
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) acc[m][g] = _mm512_setzero_ps();
+  const float* wn = w + n * k_total;
+  for (int64_t k = 0; k < k_total; k += 16) {
+    const __mmask16 mask = k_total - k >= 16 ? 0xFFFF : (1u << (k_total - k)) - 1;
+    __m512 wv[G];
+    for (int g = 0; g < G; ++g) {
+      wv[g] = _mm512_maskz_loadu_ps(mask, wn + g * k_total + k);
+      Prefetch(wn + (G + g) * k_total + k);  // the next group's rows
     }
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * k_total + k);
+      for (int g = 0; g < G; ++g) acc[m][g] = _mm512_fmadd_ps(xv, wv[g], acc[m][g]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) out[m * n_total + n + g] = _mm512_reduce_add_ps(acc[m][g]);
+}
+
+// Groups of G rows of w, as many as the 32 registers hold beside M * G accumulators and one x vector.
+template <int M>
+void ProductNK(const float* x, const float* w, float* out, int64_t k_total, int64_t n_total, int64_t n0,
+               int64_t n1) {
+  constexpr int G = 31 / (M + 1) < 8 ? 31 / (M + 1) : 8;
+  int64_t n = n0;
+  for (; n + G <= n1; n += G) DotsNK<M, G>(x, w, out, k_total, n_total, n);
+  for (; n < n1; ++n) DotsNK<M, 1>(x, w, out, k_total, n_total, n);
+}
+
+using KNFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+using NKFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+
+template <size_t... I>
+constexpr std::array<KNFn, sizeof...(I)> KNTable(std::index_sequence<I...>) { return {&ProductKN<I + 1>...}; }
+template <size_t... I>
+constexpr std::array<NKFn, sizeof...(I)> NKTable(std::index_sequence<I...>) { return {&ProductNK<I + 1>...}; }
+
+constexpr auto kProductKN = KNTable(std::make_index_sequence<kMaxRows>{});  // [M - 1]
+constexpr auto kProductNK = NKTable(std::make_index_sequence<kMaxTransposedRows>{});
+
+// Column ranges of at least `align` columns, one per thread.
+int64_t ColumnsPerPart(int64_t n, int64_t threads, int64_t align) {
+  return ((n + threads - 1) / threads + align - 1) / align * align;
+}
+
+void ProductKNSplit(ffi::ThreadPool& pool, const float* x, const float* w, float* out, int64_t m, int64_t k,
+                    int64_t n) {
+  const KNFn product = kProductKN[m - 1];
+  const int64_t threads = nvila::Threads(pool);
+  if (threads == 1 || n * int64_t{sizeof(float)} / threads >= kMinSegmentBytes) {
+    const int64_t per = ColumnsPerPart(n, threads, 32);
+    nvila::ParallelFor(pool, (n + per - 1) / per, [=](int64_t p) {
+      product(x, w, out, k, n, 0, k, p * per, p * per + per < n ? p * per + per : n);
+    });
+    return;
+  }
+  const int64_t per = ColumnsPerPart(k, threads, kRowBlock), parts = (k + per - 1) / per;
+  std::vector<float> partial((parts - 1) * m * n);  // part 0 writes `out`, part p > 0 partial[p - 1]
+  nvila::ParallelFor(pool, parts, [&](int64_t p) {
+    product(x, w, p == 0 ? out : partial.data() + (p - 1) * m * n, k, n, p * per,
+            p * per + per < k ? p * per + per : k, 0, n);
+  });
+  for (int64_t p = 1; p < parts; ++p) {
+    const float* src = partial.data() + (p - 1) * m * n;
+    for (int64_t i = 0; i < m * n; ++i) out[i] += src[i];
   }
 }
 
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> out) {
+                      ffi::ResultBuffer<ffi::F32> out, bool transposed) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
-    return ffi::Error::InvalidArgument("rows_matmul expects x [M, K] and w [K, N]");
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[transposed ? 1 : 0] || xd[0] < 1 ||
+      xd[0] > (transposed ? kMaxTransposedRows : kMaxRows)) {
+    return ffi::Error::InvalidArgument("rows_matmul expects x [1..16, K] and w [K, N], or x [1..8, K] and w [N, K]");
   }
-  const int64_t m = xd[0], k = xd[1], n = wd[1];
+  const int64_t m = xd[0], k = xd[1], n = wd[transposed ? 0 : 1];
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* op = out->typed_data();
-  const int64_t threads = nvila::Threads(pool), per = ((n + threads - 1) / threads + kTile - 1) / kTile * kTile;
+  if (!transposed) {
+    ProductKNSplit(pool, xp, wp, op, m, k, n);
+    return ffi::Error::Success();
+  }
+  const NKFn product = kProductNK[m - 1];
+  const int64_t per = ColumnsPerPart(n, nvila::Threads(pool), 8);
   nvila::ParallelFor(pool, (n + per - 1) / per, [=](int64_t p) {
-    const int64_t n0 = p * per, n1 = n0 + per < n ? n0 + per : n;
-    Columns(xp, wp, op, m, k, n, n0, n1);
+    product(xp, wp, op, k, n, p * per, p * per + per < n ? p * per + per : n);
   });
   return ffi::Error::Success();
 }
@@ -103,4 +178,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NvilaRowsMatmul, RowsMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));

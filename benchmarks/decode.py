@@ -60,7 +60,7 @@ def main() -> None:
             return out[:, args.prompt:].tolist()
 
         same = run_jax(args.new) == run_torch(args.new)
-        for name, run in (("nvila_jax (XLA)", run_jax), ("HF generate (PyTorch)", run_torch)):
+        for name, run in (("nvila_jax", run_jax), ("HF generate (PyTorch)", run_torch)):
             steps_per_s = common.decode_steps_per_s(run, args.new, args.repeats)  # warmed up by the comparison
             rows.append((str(batch), name, f"{batch * steps_per_s:.1f}", f"{steps_per_s:.2f}",
                          f"{weight_bytes * steps_per_s / 1e9:.2f}", f"{weight_bytes * steps_per_s / limits.read_bandwidth:.0%}"))

@@ -232,11 +232,12 @@ def plan_inference(
     params = sharding.abstract_params(config, param_dtype)
     specs = sharding.param_mesh_specs(config, sizes, param_dtype=param_dtype)
     cache = jax.eval_shape(lambda: KVCache.init(config.llm, rows, max_length, cache_dtype))
-    spec = sharding.fit_spec(sharding.logical_to_mesh_spec(sharding.KV_CACHE_AXES), cache.k.shape, sizes)
+    layer_shape, layers = cache.k[0].shape, len(cache.k)
+    spec = sharding.fit_spec(sharding.logical_to_mesh_spec(sharding.KV_CACHE_AXES), layer_shape, sizes)
     title = f"{config.name} inference, {_mesh_title(sizes)}: {rows} sequences x {max_length} tokens"
     return MemoryPlan(title, (
         MemoryRow("parameters", _tree_bytes(params, specs, sizes),
                   f"{format_count(_count(params))} x {jnp.dtype(param_dtype).name}"),
-        MemoryRow("KV cache", 2 * shard_bytes(cache.k.shape, cache.k.dtype, spec, sizes),
+        MemoryRow("KV cache", 2 * layers * shard_bytes(layer_shape, cache.k[0].dtype, spec, sizes),
                   f"keys + values, {jnp.dtype(cache_dtype).name}, split {tuple(spec)}"),
     ))

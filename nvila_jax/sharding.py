@@ -313,14 +313,14 @@ def step_batch_shardings(mesh: Mesh, arrays: Mapping[str, Any], rules: Rules = L
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
-KV_CACHE_AXES = ("layers", "batch", "kv_length", "kv_heads", "head_dim")
+KV_CACHE_AXES = ("batch", "kv_heads", "kv_length", "head_dim")  # each layer's keys (values) in KVCache
 
 
 def kv_cache_shardings(mesh: Mesh, cache: Any, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """Shardings of a `KVCache` (or its abstract shape): rows over data x fsdp, KV heads over tensor."""
     from nvila_jax.models.qwen2 import KVCache
 
-    kv = logical_sharding(mesh, KV_CACHE_AXES, cache.k.shape, rules)
-    return KVCache(k=kv, v=kv, segment_ids=logical_sharding(mesh, ("batch", "kv_length"),
+    per_layer = tuple(logical_sharding(mesh, KV_CACHE_AXES, a.shape, rules) for a in cache.k)
+    return KVCache(k=per_layer, v=per_layer, segment_ids=logical_sharding(mesh, ("batch", "kv_length"),
                                                             cache.segment_ids.shape, rules),
                    index=replicated(mesh))

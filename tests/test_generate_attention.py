@@ -113,6 +113,20 @@ def test_dispatch_uses_blocks_for_long_keys(monkeypatch):
                                np.asarray(dense_attention(q, k, v, mask, 0.3)), atol=1e-5)
 
 
+def test_dispatch_keeps_decode_steps_dense_against_a_long_cache(monkeypatch):
+    """A few queries against many keys (a decode step, 2,048 cache slots): the [T, S] logits are small, so
+    dense attention (one batched matmul per row and KV head) runs, not the blocked loop."""
+    monkeypatch.setattr(layers, "_cpu_kernel_applies", lambda *a: False)
+    q, k, v = _qkv(2, 3, 2048, 4, 2, 8, seed=7)
+    seg = jnp.ones((2, 2048), jnp.int32).at[0, :100].set(0)  # a left-padded row
+    mask = AttentionMask(seg[:, -3:], seg, jnp.arange(2045, 2048)[None].repeat(2, 0),
+                         jnp.arange(2048)[None].repeat(2, 0))
+    text = jax.jit(lambda *a: dot_product_attention(*a, 0.3)).lower(q, k, v, mask).as_text()
+    assert "while" not in text
+    np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, mask, 0.3)),
+                               np.asarray(blocked_attention(q, k, v, mask, 0.3)), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("t", [layers.ATTENTION_BLOCK_KV + 44, 1100])
 def test_dispatch_without_mask_uses_whole_tile_blocks(t, monkeypatch):
     """Without the CPU kernel, unmasked (vision tower) attention past one key block runs blocked, in

@@ -22,28 +22,33 @@ from nvila_jax.models.layers import (KERNEL_INIT, AttentionMask, Dtype, RMSNorm,
 class KVCache:
     """Keys/values of every layer for `max_length` slots, shared slot index for the batch.
 
-    k, v: [layers, batch, max_length, kv_heads, head_dim]; segment_ids: [batch, max_length], 0 where a slot
-    is empty or padding; index: the next slot to write (rows are left-padded so they share it).
+    k, v: one array per layer, each [batch, kv_heads, max_length, head_dim]. Per layer, so that a decode step
+    reads and writes each layer's keys in place (slices of one [layers, ...] array were copied by XLA at
+    every step); head-major, so that each (row, KV head) is the contiguous [slots, head_dim] matrix that the
+    attention matmuls read (slot-major made XLA transpose every layer's cache at every step).
+    segment_ids: [batch, max_length], 0 where a slot is empty or padding; index: the next slot to write
+    (rows are left-padded so they share it).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     segment_ids: jax.Array
     index: jax.Array
 
     @classmethod
     def init(cls, config: Qwen2Config, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+        shape = (batch, config.num_key_value_heads, max_length, config.head_dim)
+        layers = range(config.num_hidden_layers)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
             segment_ids=jnp.zeros((batch, max_length), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.segment_ids.shape[1]
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
@@ -69,14 +74,13 @@ class Qwen2DecoderLayer(nn.Module):
     dot_general_cls: Any = None
 
     @nn.compact
-    def __call__(self, carry, positions, mask: AttentionMask, cache_index, last_only: bool = False):
-        """carry: (x, None) without a cache, or (x, (k, v, layer)) with the whole cache stack [L, B, S, KVH, Dh]:
-        carried through the layer scan (not scanned over) so that each layer writes its new slots in place
-        instead of the scan rebuilding the whole cache on every call.
+    def __call__(self, x, layer_cache, positions, mask: AttentionMask, cache_index, last_only: bool = False):
+        """x [B, T, D] -> (x, layer_cache). layer_cache: None, or this layer's (keys, values) [B, KVH, S, Dh]
+        from `KVCache`, into which the T new keys and values are written at slots [cache_index,
+        cache_index + T) before attending.
 
         `last_only`: keys and values of every position (they fill the cache), everything else only for the
         last one; the output is [B, 1, D]. The last layer of a prefill needs nothing more."""
-        x, kv = carry
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         big = dict(kw, dot_general_cls=self.dot_general_cls)
@@ -89,13 +93,12 @@ class Qwen2DecoderLayer(nn.Module):
             mask = dataclasses.replace(mask, q_segment=mask.q_segment[:, -1:], q_slot=mask.q_slot[:, -1:])
         q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **big)(h)
         q = nn.with_logical_constraint(apply_rope(q, positions, c.rope_theta), ("batch", "length", "q_heads", "head_dim"))
-        if kv is not None:
-            k_cache, v_cache, layer = kv
-            start = (layer, 0, cache_index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
-            k, v = k_cache[layer], v_cache[layer]
-            kv = (k_cache, v_cache, layer + 1)
+        if layer_cache is not None:
+            swap = lambda a: a.transpose(0, 2, 1, 3)  # [B, T, KVH, Dh] <-> the cache's [B, KVH, T, Dh]
+            layer_cache = tuple(jax.lax.dynamic_update_slice(cached, swap(new).astype(cached.dtype),
+                                                             (0, 0, cache_index, 0))
+                                for cached, new in zip(layer_cache, (k, v)))
+            k, v = (swap(cached) for cached in layer_cache)
         k = nn.with_logical_constraint(k, ("batch", "kv_length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "kv_length", "kv_heads", "head_dim"))
         attn = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim**-0.5)
@@ -106,7 +109,7 @@ class Qwen2DecoderLayer(nn.Module):
         up = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **big)(h)
         act = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         x = x + dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **big)(act)
-        return (nn.with_logical_constraint(x, ("batch", "length", "embed")), kv), None
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), layer_cache
 
 
 class Qwen2LM(nn.Module):
@@ -136,10 +139,10 @@ class Qwen2LM(nn.Module):
         layer_args = (c, self.dtype, self.param_dtype, self.dot_general_cls)
         if self.scan_layers:
             stack = stack_layers(Qwen2DecoderLayer, c.num_hidden_layers, self.remat,
-                                 (nn.broadcast, nn.broadcast, nn.broadcast))
+                                 (0, nn.broadcast, nn.broadcast, nn.broadcast))  # caches scanned over
             self.layers = stack(*layer_args)
         else:
-            layer_cls = rematerialised(Qwen2DecoderLayer, self.remat, static_argnums=(5,))  # last_only
+            layer_cls = rematerialised(Qwen2DecoderLayer, self.remat, static_argnums=(6,))  # last_only
             self.layers = [layer_cls(*layer_args) for _ in range(c.num_hidden_layers)]  # layers_0, layers_1, ...
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not c.tie_word_embeddings:
@@ -149,16 +152,23 @@ class Qwen2LM(nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
 
-    def decoder_layers(self, carry, positions: jax.Array, mask: AttentionMask, cache_index, last_only: bool = False):
-        """The decoder stack on carry (hidden states, cache stack or None), scanned or one layer after another.
-        `last_only`: the output holds the last position only, and the unrolled stack's last layer computes
-        nothing else (see Qwen2DecoderLayer)."""
+    def decoder_layers(self, x: jax.Array, caches, positions: jax.Array, mask: AttentionMask, cache_index,
+                       last_only: bool = False):
+        """The decoder stack, scanned or one layer after another: (x, caches) with caches None or the
+        per-layer (keys, values) of `KVCache`. `last_only`: the output holds the last position only, and the
+        unrolled stack's last layer computes nothing else (see Qwen2DecoderLayer). The scanned stack stacks
+        the caches for the scan and splits them after it (copies; inference runs the unrolled stack)."""
         if self.scan_layers:
-            x, kv = self.layers(carry, positions, mask, cache_index)[0]
-            return (x[:, -1:] if last_only else x), kv
+            stacked = None if caches is None else tuple(jnp.stack(c) for c in caches)
+            x, stacked = self.layers(x, stacked, positions, mask, cache_index)
+            caches = None if stacked is None else tuple(tuple(c) for c in stacked)
+            return (x[:, -1:] if last_only else x), caches
+        new = []
         for i, layer in enumerate(self.layers):
-            carry, _ = layer(carry, positions, mask, cache_index, last_only and i == len(self.layers) - 1)
-        return carry
+            layer_cache = None if caches is None else (caches[0][i], caches[1][i])
+            x, layer_cache = layer(x, layer_cache, positions, mask, cache_index, last_only and i == len(self.layers) - 1)
+            new.append(layer_cache)
+        return x, (None if caches is None else tuple(zip(*new)))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits of hidden states [..., D] -> [..., vocab]."""
@@ -192,13 +202,12 @@ class Qwen2LM(nn.Module):
         q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:
             mask = AttentionMask(segment_ids, segment_ids, q_slot, q_slot)
-            x, _ = self.decoder_layers((x, None), positions, mask, 0, last_only)
+            x, _ = self.decoder_layers(x, None, positions, mask, 0, last_only)
             return self.norm(x), None
         seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
         kv_slot = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), seg.shape)
         mask = AttentionMask(segment_ids, seg, q_slot + cache.index, kv_slot)
-        x, (k, v, _) = self.decoder_layers((x, (cache.k, cache.v, jnp.int32(0))), positions, mask, cache.index,
-                                           last_only)
+        x, (k, v) = self.decoder_layers(x, (cache.k, cache.v), positions, mask, cache.index, last_only)
         return self.norm(x), KVCache(k=k, v=v, segment_ids=seg, index=cache.index + t)
 
 

@@ -94,7 +94,7 @@ def main() -> None:
     diff = float(np.abs(jax_logits - torch_logits).max() / np.abs(torch_logits).max())
     flops = llm_prefill_flops(cfg.llm, n)
     rows = []
-    for name, fn in (("nvila_jax (XLA)", prefill_jax), ("HF transformers (PyTorch)", prefill_torch)):
+    for name, fn in (("nvila_jax", prefill_jax), ("HF transformers (PyTorch)", prefill_torch)):
         best, med = common.timed(fn, args.repeats, warmup=1)
         rows.append((name, f"{best * 1e3:.1f}", f"{med * 1e3:.1f}", f"{flops / best / 1e12:.0f}",
                      f"{flops / best / peak:.0%}"))
@@ -124,7 +124,7 @@ def main() -> None:
 
         a, b = run_jax(args.new), run_torch(args.new)
         agree = float(np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra[:4], rb[:4])]))
-        for name, run in (("nvila_jax (XLA)", run_jax), ("HF generate (PyTorch)", run_torch)):
+        for name, run in (("nvila_jax", run_jax), ("HF generate (PyTorch)", run_torch)):
             steps_per_s = common.decode_steps_per_s(run, args.new, args.repeats)  # warmed up by the comparison
             rows.append((str(batch), name, f"{batch * steps_per_s:.0f}", f"{1e3 / steps_per_s:.2f}",
                          f"{weight_bytes * steps_per_s / 1e9:.0f}", f"{weight_bytes * steps_per_s / bandwidth:.0%}"))

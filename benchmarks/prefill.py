@@ -63,7 +63,7 @@ def main() -> None:
     peak = limits.matmul_flops
     rows = [(name, f"{best:.2f}", f"{med:.2f}", f"{work / 1e12:.3f}", f"{work / best / 1e9:.0f}", f"{work / best / peak:.0%}",
              f"{flops / best / peak:.0%}")
-            for name, best, med, work in (("nvila_jax (XLA)", jax_best, jax_med, executed),
+            for name, best, med, work in (("nvila_jax", jax_best, jax_med, executed),
                                           ("HF transformers (PyTorch)", torch_best, torch_med, flops))]
     print(f"\nprefill of {n} tokens, Qwen2.5-0.5B shape ({args.layers} layers), float32, "
           f"{flops / 1e12:.3f} TFLOP (nvila_jax executes {executed / 1e12:.3f}); last-position logits differ by {diff:.1e}")

@@ -320,7 +320,7 @@ def kv_cache_shardings(mesh: Mesh, cache: Any, rules: Rules = LOGICAL_AXIS_RULES
     """Shardings of a `KVCache` (or its abstract shape): rows over data x fsdp, KV heads over tensor."""
     from nvila_jax.models.qwen2 import KVCache
 
-    per_layer = tuple(logical_sharding(mesh, KV_CACHE_AXES, a.shape, rules) for a in cache.k)
+    per_layer = (logical_sharding(mesh, KV_CACHE_AXES, cache.k[0].shape, rules),) * len(cache.k)  # same shapes
     return KVCache(k=per_layer, v=per_layer, segment_ids=logical_sharding(mesh, ("batch", "kv_length"),
                                                             cache.segment_ids.shape, rules),
                    index=replicated(mesh))

@@ -167,6 +167,12 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask 
     return blocked_attention(q, k, v, mask, scale)
 
 
+def swap_length_and_heads(x: jax.Array) -> jax.Array:
+    """[B, S, H, D] <-> [B, H, S, D]: attention's operand layout and the head-major one its matmuls read (the
+    KV cache's); a transpose applied twice cancels, so no copy is made of a cache read this way."""
+    return x.transpose(0, 2, 1, 3)
+
+
 def _dense_fits(q: jax.Array, k: jax.Array) -> bool:
     return q.shape[1] * k.shape[1] <= ATTENTION_BLOCK_Q * ATTENTION_BLOCK_KV
 
@@ -216,8 +222,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMas
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     qg = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-    by_head = lambda x: x.transpose(0, 2, 1, 3)  # [B, S, KVH, D] -> [B, KVH, S, D]
-    logits = jnp.einsum("bkqd,bksd->bkqs", qg, by_head(k), preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bkqd,bksd->bkqs", qg, swap_length_and_heads(k), preferred_element_type=jnp.float32)
+    logits = logits * scale
     if mask is not None:  # [B, T, S] -> [B, 1, G * T, S], the rows of the logits (not the logits reshaped:
         # a softmax over a 5-D view is ~1.6x slower in XLA on a CPU)
         visible = jnp.broadcast_to(mask.dense()[:, None, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
@@ -225,7 +231,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMas
     probs = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         probs = jnp.where(visible.any(-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), by_head(v), preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), swap_length_and_heads(v),
+                     preferred_element_type=jnp.float32)
     return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -275,7 +282,7 @@ def blocked_attention(
     # Key and value blocks are sliced from [B, KVH, S, D]: contiguous blocks, and no copy at all when k and v
     # come from the head-major KV cache (the transposes cancel); slicing [B, S, KVH, D] through such a
     # transpose made XLA rebuild the whole array for every block.
-    k_by_head, v_by_head = (x.transpose(0, 2, 1, 3) for x in (k, v))
+    k_by_head, v_by_head = swap_length_and_heads(k), swap_length_and_heads(v)
     index = jnp.arange(nq * b * kvh)
     contract_last = (((1,), (1,)), ((), ()))
     # One item at a time on a CPU (each item's matmuls use every core; skipped blocks cost nothing); all at

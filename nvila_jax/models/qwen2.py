@@ -15,7 +15,7 @@ import numpy as np
 
 from nvila_jax.config import Qwen2Config
 from nvila_jax.models.layers import (KERNEL_INIT, AttentionMask, Dtype, RMSNorm, dense, dot_product_attention,
-                                     rematerialised, stack_layers)
+                                     rematerialised, stack_layers, swap_length_and_heads)
 
 
 @flax.struct.dataclass
@@ -94,11 +94,11 @@ class Qwen2DecoderLayer(nn.Module):
         q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **big)(h)
         q = nn.with_logical_constraint(apply_rope(q, positions, c.rope_theta), ("batch", "length", "q_heads", "head_dim"))
         if layer_cache is not None:
-            swap = lambda a: a.transpose(0, 2, 1, 3)  # [B, T, KVH, Dh] <-> the cache's [B, KVH, T, Dh]
-            layer_cache = tuple(jax.lax.dynamic_update_slice(cached, swap(new).astype(cached.dtype),
-                                                             (0, 0, cache_index, 0))
-                                for cached, new in zip(layer_cache, (k, v)))
-            k, v = (swap(cached) for cached in layer_cache)
+            layer_cache = tuple(
+                jax.lax.dynamic_update_slice(cached, swap_length_and_heads(new).astype(cached.dtype),
+                                             (0, 0, cache_index, 0))
+                for cached, new in zip(layer_cache, (k, v)))
+            k, v = (swap_length_and_heads(cached) for cached in layer_cache)
         k = nn.with_logical_constraint(k, ("batch", "kv_length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "kv_length", "kv_heads", "head_dim"))
         attn = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim**-0.5)

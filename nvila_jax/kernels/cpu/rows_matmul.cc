@@ -13,8 +13,8 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <utility>
-#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -28,6 +28,8 @@ constexpr int kMaxTransposedRows = 8;  // beyond, the x rows of a long K outgrow
 constexpr int64_t kRowBlock = 16;
 constexpr int64_t kPrefetchRows = 16;
 constexpr int64_t kMinSegmentBytes = 8192;
+constexpr int64_t kColumnTile = 32;  // ProductKN's widest column tile: two vectors
+constexpr int kMaxGroup = 8;         // rows of w [N, K] per DotsNK group at most
 
 inline void Prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
@@ -101,7 +103,7 @@ __attribute__((target("avx512f"))) void DotsNK(const float* x, const float* w, f
 template <int M>
 void ProductNK(const float* x, const float* w, float* out, int64_t k_total, int64_t n_total, int64_t n0,
                int64_t n1) {
-  constexpr int G = 31 / (M + 1) < 8 ? 31 / (M + 1) : 8;
+  constexpr int G = 31 / (M + 1) < kMaxGroup ? 31 / (M + 1) : kMaxGroup;
   int64_t n = n0;
   for (; n + G <= n1; n += G) DotsNK<M, G>(x, w, out, k_total, n_total, n);
   for (; n < n1; ++n) DotsNK<M, 1>(x, w, out, k_total, n_total, n);
@@ -118,9 +120,14 @@ constexpr std::array<NKFn, sizeof...(I)> NKTable(std::index_sequence<I...>) { re
 constexpr auto kProductKN = KNTable(std::make_index_sequence<kMaxRows>{});  // [M - 1]
 constexpr auto kProductNK = NKTable(std::make_index_sequence<kMaxTransposedRows>{});
 
-// Column ranges of at least `align` columns, one per thread.
-int64_t ColumnsPerPart(int64_t n, int64_t threads, int64_t align) {
-  return ((n + threads - 1) / threads + align - 1) / align * align;
+// Splits [0, total) into one range per thread, each a multiple of `align` long (the last one cut short),
+// and runs body(part, begin, end) for each over the pool. Returns the number of parts.
+template <typename Body>
+int64_t ForRanges(ffi::ThreadPool& pool, int64_t total, int64_t align, const Body& body) {
+  const int64_t threads = nvila::Threads(pool);
+  const int64_t per = ((total + threads - 1) / threads + align - 1) / align * align, parts = (total + per - 1) / per;
+  nvila::ParallelFor(pool, parts, [&](int64_t p) { body(p, p * per, p * per + per < total ? p * per + per : total); });
+  return parts;
 }
 
 void ProductKNSplit(ffi::ThreadPool& pool, const float* x, const float* w, float* out, int64_t m, int64_t k,
@@ -128,20 +135,17 @@ void ProductKNSplit(ffi::ThreadPool& pool, const float* x, const float* w, float
   const KNFn product = kProductKN[m - 1];
   const int64_t threads = nvila::Threads(pool);
   if (threads == 1 || n * int64_t{sizeof(float)} / threads >= kMinSegmentBytes) {
-    const int64_t per = ColumnsPerPart(n, threads, 32);
-    nvila::ParallelFor(pool, (n + per - 1) / per, [=](int64_t p) {
-      product(x, w, out, k, n, 0, k, p * per, p * per + per < n ? p * per + per : n);
-    });
+    ForRanges(pool, n, kColumnTile, [&](int64_t, int64_t n0, int64_t n1) { product(x, w, out, k, n, 0, k, n0, n1); });
     return;
   }
-  const int64_t per = ColumnsPerPart(k, threads, kRowBlock), parts = (k + per - 1) / per;
-  std::vector<float> partial((parts - 1) * m * n);  // part 0 writes `out`, part p > 0 partial[p - 1]
-  nvila::ParallelFor(pool, parts, [&](int64_t p) {
-    product(x, w, p == 0 ? out : partial.data() + (p - 1) * m * n, k, n, p * per,
-            p * per + per < k ? p * per + per : k, 0, n);
+  // Partial sums of K ranges: part 0 into `out`, part p > 0 into partial[p - 1] (left uninitialised: each
+  // part writes all of its slice), added at the end.
+  std::unique_ptr<float[]> partial(new float[(threads - 1) * m * n]);
+  const int64_t parts = ForRanges(pool, k, kRowBlock, [&](int64_t p, int64_t k0, int64_t k1) {
+    product(x, w, p == 0 ? out : partial.get() + (p - 1) * m * n, k, n, k0, k1, 0, n);
   });
   for (int64_t p = 1; p < parts; ++p) {
-    const float* src = partial.data() + (p - 1) * m * n;
+    const float* src = partial.get() + (p - 1) * m * n;
     for (int64_t i = 0; i < m * n; ++i) out[i] += src[i];
   }
 }
@@ -162,10 +166,7 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::Success();
   }
   const NKFn product = kProductNK[m - 1];
-  const int64_t per = ColumnsPerPart(n, nvila::Threads(pool), 8);
-  nvila::ParallelFor(pool, (n + per - 1) / per, [=](int64_t p) {
-    product(xp, wp, op, k, n, p * per, p * per + per < n ? p * per + per : n);
-  });
+  ForRanges(pool, n, kMaxGroup, [&](int64_t, int64_t n0, int64_t n1) { product(xp, wp, op, k, n, n0, n1); });
   return ffi::Error::Success();
 }
 

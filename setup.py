@@ -26,6 +26,7 @@ setup(
         "einops>=0.8",
         "safetensors>=0.8,<0.9",
         "tokenizers>=0.23,<0.24",
+        "scipy-openblas32>=0.3.30",  # the CPU GEMM kernel of prefill and the vision encoder (kernels/blas_matmul.py)
         "jinja2>=3.1",
         "tqdm>=4.66",
         "pyyaml>=6",

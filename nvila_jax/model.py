@@ -19,7 +19,7 @@ from nvila_jax.inference.batch import GenerationRequest, RequestLike, generate_b
 from nvila_jax.inference.engine import Engine, Generation
 from nvila_jax.inference.request import Request, VideoLike, prepare_request
 from nvila_jax.inference.sampling import SamplingParams
-from nvila_jax.kernels.rows_matmul import RowsDotGeneral
+from nvila_jax.kernels.cpu_dot_general import CpuDotGeneral
 from nvila_jax.media.image import ImageLike
 from nvila_jax.models.nvila import NVILA
 from nvila_jax.models.qwen2 import unstack_layer_params
@@ -28,11 +28,12 @@ from nvila_jax.text.tokenizer import NVILATokenizer
 
 def inference_module(config: NVILAConfig, dtype: Any = jnp.float32, one_device: bool = True) -> NVILA:
     """The NVILA module that inference runs: the LLM's per-layer parameter layout (each weight read once per
-    decode step) and, on one device, the weight-streaming kernel for decode-step products of a few rows, LM
-    head included (`kernels.rows_matmul`; XLA's dot where it cannot run)."""
-    rows_kernel = RowsDotGeneral if one_device else None
-    return NVILA(config, dtype=dtype, scan_layers=False, llm_dot_general_cls=rows_kernel,
-                 llm_logits_dot_general_cls=rows_kernel)
+    decode step) and, on one CPU device, the CPU kernels for every linear layer, the LM head included
+    (`kernels.cpu_dot_general`: weight streaming for a decode step's few rows, OpenBLAS for prefill and the
+    vision encoder; XLA's dot where they cannot run)."""
+    cpu_kernels = CpuDotGeneral if one_device else None
+    return NVILA(config, dtype=dtype, scan_layers=False, vision_dot_general_cls=cpu_kernels,
+                 llm_dot_general_cls=cpu_kernels, llm_logits_dot_general_cls=cpu_kernels)
 
 
 class NVILAModel:

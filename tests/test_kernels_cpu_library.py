@@ -8,19 +8,22 @@ import shutil
 
 import pytest
 
-from nvila_jax.kernels import cpu_library
+from nvila_jax.kernels import blas_matmul, cpu_library
 
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler")
 
 
 @needs_compiler
-@pytest.mark.parametrize("name", ["rows_matmul", "attention"])
+@pytest.mark.parametrize("name", ["rows_matmul", "attention", "blas_matmul"])
 def test_the_library_is_built_once_per_source_and_kept_in_the_cache(name, tmp_path, monkeypatch):
     monkeypatch.setenv("NVILA_JAX_CACHE", str(tmp_path))
-    first = cpu_library.build(cpu_library.SOURCES / f"{name}.cc")
+    flags = blas_matmul._openblas_flags() if name == "blas_matmul" else ()
+    if flags is None:
+        pytest.skip("needs scipy-openblas32")
+    first = cpu_library.build(cpu_library.SOURCES / f"{name}.cc", flags)
     assert first.parent == tmp_path / "kernels" and first.exists() and first.name.startswith(name)
     stamp = os.stat(first).st_mtime_ns
-    assert cpu_library.build(cpu_library.SOURCES / f"{name}.cc") == first
+    assert cpu_library.build(cpu_library.SOURCES / f"{name}.cc", flags) == first
     assert os.stat(first).st_mtime_ns == stamp  # reused, not rebuilt
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left behind
 

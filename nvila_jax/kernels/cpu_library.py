@@ -30,14 +30,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NVILA_JAX_CACHE", Path.home() / ".cache" / "nvila_jax")) / "kernels"
 
 
-def build(source: Path) -> Path:
-    """The compiled library of `source`, built unless the cache holds it."""
+def build(source: Path, flags: tuple[str, ...] = ()) -> Path:
+    """The compiled library of `source` (extra compiler/linker `flags`, e.g. a library to link), built unless
+    the cache holds it."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r}) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     inputs = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
-    key = hashlib.sha256(inputs + jax.__version__.encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(inputs + "\0".join((jax.__version__, version, *flags)).encode()).hexdigest()[:16]
     library = cache_dir() / f"{source.stem}-{key}.so"
     if library.exists():
         return library
@@ -45,7 +46,7 @@ def build(source: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(fd)
     cmd = [compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-w", f"-I{jax.ffi.include_dir()}", str(source),
-           "-o", tmp]
+           *flags, "-o", tmp]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode:
@@ -58,18 +59,18 @@ def build(source: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def register(name: str, handler: str, target: str, fallback: str) -> bool:
-    """Compile kernels/cpu/`name`.cc and register its `handler` symbol as the XLA FFI target `target`. True
-    when it can run here: a CPU backend, a working compiler, and a CPU with AVX-512 (the library's
-    `nvila_<name>_supported()`) and NVILA_JAX_CPU_KERNELS is not 0; otherwise logs once that `fallback` is
-    used instead."""
+def register(name: str, handler: str, target: str, fallback: str, flags: tuple[str, ...] = ()) -> bool:
+    """Compile kernels/cpu/`name`.cc (with `flags`) and register its `handler` symbol as the XLA FFI target
+    `target`. True when it can run here: a CPU backend, a working compiler, a CPU the library supports (its
+    `nvila_<name>_supported()`: AVX-512 for the hand-written kernels) and NVILA_JAX_CPU_KERNELS is not 0;
+    otherwise logs once that `fallback` is used instead."""
     if platform() != "cpu":
         return False
     if os.environ.get("NVILA_JAX_CPU_KERNELS", "1") == "0":
         log_once(f"{name}: NVILA_JAX_CPU_KERNELS=0; using {fallback}")
         return False
     try:
-        lib = ctypes.CDLL(str(build(SOURCES / f"{name}.cc")))
+        lib = ctypes.CDLL(str(build(SOURCES / f"{name}.cc", flags)))
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
         log_once(f"{name}: using {fallback} ({err})")
         return False

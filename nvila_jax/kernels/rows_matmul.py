@@ -11,8 +11,6 @@ use and registered with XLA by `cpu_library`; without a compiler, without AVX-51
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -39,28 +37,3 @@ def rows_matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Arr
                          f"{w.shape}")
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0] if transposed else w.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), w.astype(jnp.float32), transposed=transposed)
-
-
-class RowsDotGeneral:
-    """A flax `dot_general_cls` for inference (NVILA's `llm_dot_general_cls`): a float32 product of 1 to
-    MAX_ROWS rows (a decode step of up to 16 sequences) goes to the kernel when it is available, for a dense
-    layer's kernel (contracted on its leading axes) and, up to MAX_TRANSPOSED_ROWS rows, for a [N, K] matrix
-    contracted on its last axis (the tied LM head); everything else (prefill, other dtypes, batch dimensions)
-    to `lax.dot_general`."""
-
-    def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
-                 preferred_element_type=None) -> jax.Array:
-        (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-        free = lhs.ndim - len(lhs_contract)
-        rows = math.prod(lhs.shape[:free])
-        lhs_trailing = not lhs_batch and tuple(lhs_contract) == tuple(range(free, lhs.ndim))
-        dense_layer = lhs_trailing and tuple(rhs_contract) == tuple(range(len(rhs_contract)))
-        transposed = lhs_trailing and rhs.ndim == 2 and tuple(rhs_contract) == (1,)
-        max_rows = MAX_TRANSPOSED_ROWS if transposed else MAX_ROWS
-        if ((dense_layer or transposed) and 1 <= rows <= max_rows and lhs.dtype == rhs.dtype == jnp.float32
-                and preferred_element_type in (None, jnp.float32) and available()):
-            k = math.prod(lhs.shape[free:])
-            out = rows_matmul(lhs.reshape(rows, k), rhs if transposed else rhs.reshape(k, -1), transposed)
-            return out.reshape(lhs.shape[:free] + (rhs.shape[:1] if transposed else rhs.shape[len(rhs_contract):]))
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type)

@@ -25,6 +25,7 @@ class NVILA(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
     stc_impl: str = "auto"
+    vision_dot_general_cls: Any = None  # the vision tower's and projector's linears
     llm_dot_general_cls: Any = None  # the LLM decoder layers' linears (see Qwen2LM)
     llm_logits_dot_general_cls: Any = None  # the LM head's product
     scan_layers: bool = True  # False: the LLM's per-layer parameter layout for inference (see Qwen2LM)
@@ -32,8 +33,10 @@ class NVILA(nn.Module):
     def setup(self) -> None:
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.vision_tower = SiglipVisionTower(c.vision, c.num_vision_layers_used, remat=self.remat, **kw)
-        self.projector = Projector(c.projector, stc_impl=self.stc_impl, **kw)
+        self.vision_tower = SiglipVisionTower(c.vision, c.num_vision_layers_used, remat=self.remat,
+                                              dot_general_cls=self.vision_dot_general_cls, **kw)
+        self.projector = Projector(c.projector, stc_impl=self.stc_impl, dot_general_cls=self.vision_dot_general_cls,
+                                   **kw)
         self.llm = Qwen2LM(c.llm, remat=self.remat, dot_general_cls=self.llm_dot_general_cls,
                            logits_dot_general_cls=self.llm_logits_dot_general_cls, scan_layers=self.scan_layers, **kw)
 

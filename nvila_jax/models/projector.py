@@ -7,7 +7,7 @@ position there, so the official keys `layers.{index}.*` map one to one (`linear`
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -75,6 +75,7 @@ class Projector(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     stc_impl: str = "auto"
+    dot_general_cls: Any = None  # the dense layers' product (inference: kernels.cpu_dot_general)
 
     @nn.compact
     def __call__(self, maps: jax.Array) -> jax.Array:
@@ -104,7 +105,7 @@ class Projector(nn.Module):
                 x = layer_norm(PROJECTOR_LN_EPS, axis, name=name, **kw)(x)
             elif spec.kind == "dense":
                 out_axis = "mlp" if axis == "embed" else "embed"
-                x = dense(spec.size, (axis, out_axis), name=name, **kw)(x)
+                x = dense(spec.size, (axis, out_axis), name=name, dot_general_cls=self.dot_general_cls, **kw)(x)
                 axis = out_axis
             else:
                 x = jax.nn.gelu(x, approximate=False)

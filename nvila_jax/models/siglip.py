@@ -6,6 +6,8 @@ output exist here: the unused last layer and post-LayerNorm are never computed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,19 +20,21 @@ class SiglipEncoderLayer(nn.Module):
     config: SiglipConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dot_general_cls: Any = None  # the linears' product (inference: kernels.cpu_dot_general)
 
     @nn.compact
     def __call__(self, x: jax.Array, _: None = None) -> tuple[jax.Array, None]:
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, dot_general_cls=self.dot_general_cls)
         heads, hd = c.num_attention_heads, c.head_dim
-        h = layer_norm(c.layer_norm_eps, "embed", name="layer_norm1", **kw)(x)
+        norm_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layer_norm(c.layer_norm_eps, "embed", name="layer_norm1", **norm_kw)(x)
         q, k, v = (
             dense((heads, hd), ("embed", "heads", "head_dim"), name=n, **kw)(h) for n in ("q_proj", "k_proj", "v_proj")
         )
         attn = dot_product_attention(q, k, v, None, hd**-0.5)
         x = x + dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), name="out_proj", **kw)(attn)
-        h = layer_norm(c.layer_norm_eps, "embed", name="layer_norm2", **kw)(x)
+        h = layer_norm(c.layer_norm_eps, "embed", name="layer_norm2", **norm_kw)(x)
         h = dense(c.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(h)
         h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=True), ("tiles", "length", "mlp"))
         x = x + dense(c.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
@@ -45,6 +49,7 @@ class SiglipVisionTower(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    dot_general_cls: Any = None  # the encoder layers' linears (inference: kernels.cpu_dot_general)
 
     @nn.compact
     def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -75,5 +80,5 @@ class SiglipVisionTower(nn.Module):
         x = nn.with_logical_constraint(x, ("tiles", "length", "embed"))
         if self.num_layers:
             layers = stack_layers(SiglipEncoderLayer, self.num_layers, self.remat, (nn.broadcast,))
-            x, _ = layers(c, self.dtype, self.param_dtype, name="layers")(x, None)
+            x, _ = layers(c, self.dtype, self.param_dtype, self.dot_general_cls, name="layers")(x, None)
         return x.reshape(n, g, g, c.hidden_size)

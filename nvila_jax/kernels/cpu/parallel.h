@@ -35,4 +35,14 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t parts, const Body& body) {
   while (shared->done.load() < parts) std::this_thread::yield();
 }
 
+// Splits [0, total) into one range per thread, each a multiple of `align` long (the last one cut short),
+// and runs body(part, begin, end) for each over the pool. Returns the number of parts.
+template <typename Body>
+int64_t ForRanges(xla::ffi::ThreadPool& pool, int64_t total, int64_t align, const Body& body) {
+  const int64_t threads = Threads(pool);
+  const int64_t per = ((total + threads - 1) / threads + align - 1) / align * align, parts = (total + per - 1) / per;
+  ParallelFor(pool, parts, [&](int64_t p) { body(p, p * per, p * per + per < total ? p * per + per : total); });
+  return parts;
+}
+
 }  // namespace nvila

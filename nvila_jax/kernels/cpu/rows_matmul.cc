@@ -120,28 +120,19 @@ constexpr std::array<NKFn, sizeof...(I)> NKTable(std::index_sequence<I...>) { re
 constexpr auto kProductKN = KNTable(std::make_index_sequence<kMaxRows>{});  // [M - 1]
 constexpr auto kProductNK = NKTable(std::make_index_sequence<kMaxTransposedRows>{});
 
-// Splits [0, total) into one range per thread, each a multiple of `align` long (the last one cut short),
-// and runs body(part, begin, end) for each over the pool. Returns the number of parts.
-template <typename Body>
-int64_t ForRanges(ffi::ThreadPool& pool, int64_t total, int64_t align, const Body& body) {
-  const int64_t threads = nvila::Threads(pool);
-  const int64_t per = ((total + threads - 1) / threads + align - 1) / align * align, parts = (total + per - 1) / per;
-  nvila::ParallelFor(pool, parts, [&](int64_t p) { body(p, p * per, p * per + per < total ? p * per + per : total); });
-  return parts;
-}
-
 void ProductKNSplit(ffi::ThreadPool& pool, const float* x, const float* w, float* out, int64_t m, int64_t k,
                     int64_t n) {
   const KNFn product = kProductKN[m - 1];
   const int64_t threads = nvila::Threads(pool);
   if (threads == 1 || n * int64_t{sizeof(float)} / threads >= kMinSegmentBytes) {
-    ForRanges(pool, n, kColumnTile, [&](int64_t, int64_t n0, int64_t n1) { product(x, w, out, k, n, 0, k, n0, n1); });
+    nvila::ForRanges(pool, n, kColumnTile,
+                     [&](int64_t, int64_t n0, int64_t n1) { product(x, w, out, k, n, 0, k, n0, n1); });
     return;
   }
   // Partial sums of K ranges: part 0 into `out`, part p > 0 into partial[p - 1] (left uninitialised: each
   // part writes all of its slice), added at the end.
   std::unique_ptr<float[]> partial(new float[(threads - 1) * m * n]);
-  const int64_t parts = ForRanges(pool, k, kRowBlock, [&](int64_t p, int64_t k0, int64_t k1) {
+  const int64_t parts = nvila::ForRanges(pool, k, kRowBlock, [&](int64_t p, int64_t k0, int64_t k1) {
     product(x, w, p == 0 ? out : partial.get() + (p - 1) * m * n, k, n, k0, k1, 0, n);
   });
   for (int64_t p = 1; p < parts; ++p) {
@@ -166,7 +157,7 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::Success();
   }
   const NKFn product = kProductNK[m - 1];
-  ForRanges(pool, n, kMaxGroup, [&](int64_t, int64_t n0, int64_t n1) { product(xp, wp, op, k, n, n0, n1); });
+  nvila::ForRanges(pool, n, kMaxGroup, [&](int64_t, int64_t n0, int64_t n1) { product(xp, wp, op, k, n, n0, n1); });
   return ffi::Error::Success();
 }
 

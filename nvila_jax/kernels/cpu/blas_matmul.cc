@@ -1,0 +1,67 @@
+// x [M, K] times w [K, N] (or w [N, K] with transposed=true) in float32 with OpenBLAS's SGEMM, for products
+// of many rows: prefill and the vision encoder. On the project's AVX-512 VM, XLA's CPU GEMM (YNNPACK) runs
+// these shapes at 250-300 GFLOP/s and OpenBLAS at 290-330 (BENCHMARKS.md, "Inference"). OpenBLAS runs
+// single-threaded in each thread of XLA's intra-op pool, on one block of rows (or of columns, when N is the
+// longer side) each: its own thread pool would compete with XLA's for the same cores. The library is
+// scipy-openblas32, a copy of OpenBLAS of its own (numpy's is another), so its one-thread setting touches
+// nothing else in the process.
+#include <cstdint>
+#include <limits>
+
+#include "parallel.h"
+#include "cblas.h"  // scipy-openblas32's, on the include path given by kernels/blas_matmul.py
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kColumnAlign = 16;  // one AVX-512 vector of float32: column blocks start on a vector
+
+ffi::Error BlasMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> out, bool transposed) {
+  static const bool single_threaded = (scipy_openblas_set_num_threads(1), true);
+  (void)single_threaded;
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[transposed ? 1 : 0]) {
+    return ffi::Error::InvalidArgument("blas_matmul expects x [M, K] and w [K, N], or w [N, K] when transposed");
+  }
+  const int64_t m = xd[0], k = xd[1], n = wd[transposed ? 0 : 1];
+  constexpr int64_t kMaxDim = std::numeric_limits<blasint>::max();
+  if (m > kMaxDim || n > kMaxDim || k > kMaxDim) {
+    return ffi::Error::InvalidArgument("blas_matmul: a dimension exceeds OpenBLAS's 32-bit index");
+  }
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* op = out->typed_data();
+  const CBLAS_TRANSPOSE w_op = transposed ? CblasTrans : CblasNoTrans;
+  const blasint ldw = transposed ? k : n;
+  if (m * k == 0 || n == 0) {
+    for (int64_t i = 0; i < m * n; ++i) op[i] = 0.0f;
+    return ffi::Error::Success();
+  }
+  if (m >= n) {  // blocks of rows: each thread reads all of w and its rows of x
+    nvila::ForRanges(pool, m, 1, [&](int64_t, int64_t m0, int64_t m1) {
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, w_op, m1 - m0, n, k, 1.0f, xp + m0 * k, k, wp, ldw, 0.0f,
+                        op + m0 * n, n);
+    });
+  } else {  // blocks of columns: each thread reads all of x and its columns of w
+    nvila::ForRanges(pool, n, kColumnAlign, [&](int64_t, int64_t n0, int64_t n1) {
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, w_op, m, n1 - n0, k, 1.0f, xp, k,
+                        wp + (transposed ? n0 * k : n0), ldw, 0.0f, op + n0, n);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int nvila_blas_matmul_supported() { return 1; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvilaBlasMatmul, BlasMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transposed"));

@@ -1,0 +1,45 @@
+"""The flax `dot_general_cls` of inference on a CPU: each float32 product goes to the kernel made for its
+number of rows, `rows_matmul` (1-16 rows: a decode step, weight-streaming) or `blas_matmul` (more: prefill,
+the vision encoder, OpenBLAS's GEMM), and to `lax.dot_general` where neither can run or applies."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from nvila_jax.kernels import blas_matmul, rows_matmul
+
+
+def _kernel_for(rows: int, transposed: bool) -> Callable | None:
+    """The matmul of a product with `rows` rows of x (w [N, K] when `transposed`), None for XLA's dot."""
+    if rows <= (rows_matmul.MAX_TRANSPOSED_ROWS if transposed else rows_matmul.MAX_ROWS):
+        return rows_matmul.rows_matmul if rows_matmul.available() else None
+    return blas_matmul.blas_matmul if blas_matmul.available() else None
+
+
+class CpuDotGeneral:
+    """A flax `dot_general_cls` for inference (NVILA's `vision_dot_general_cls`, `llm_dot_general_cls` and
+    `llm_logits_dot_general_cls`): a float32 product of a dense layer's kernel (contracted on its leading axes)
+    or of a [N, K] matrix contracted on its last axis (the tied LM head) goes to a CPU kernel when one is
+    available; everything else (other dtypes, batch dimensions, other layouts) to `lax.dot_general`. No
+    gradient: inference only."""
+
+    def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                 preferred_element_type=None) -> jax.Array:
+        (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+        free = lhs.ndim - len(lhs_contract)
+        rows = math.prod(lhs.shape[:free])
+        lhs_trailing = not lhs_batch and tuple(lhs_contract) == tuple(range(free, lhs.ndim))
+        dense_layer = lhs_trailing and tuple(rhs_contract) == tuple(range(len(rhs_contract)))
+        transposed = lhs_trailing and rhs.ndim == 2 and tuple(rhs_contract) == (1,)
+        float32 = lhs.dtype == rhs.dtype == jnp.float32 and preferred_element_type in (None, jnp.float32)
+        matmul = _kernel_for(rows, transposed) if (dense_layer or transposed) and float32 and rows else None
+        if matmul is None:
+            return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                       preferred_element_type=preferred_element_type)
+        k = math.prod(lhs.shape[free:])
+        out = matmul(lhs.reshape(rows, k), rhs if transposed else rhs.reshape(k, -1), transposed)
+        return out.reshape(lhs.shape[:free] + (rhs.shape[:1] if transposed else rhs.shape[len(rhs_contract):]))

@@ -10,7 +10,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from nvila_jax.inference.buckets import batch_bucket, bucket, power_of_two_chunks
-from nvila_jax.inference.sampling import SamplingParams, _filter_top_k_top_p, row_keys, sample
+from nvila_jax.inference.sampling import SamplingParams, _filter_top_k_top_p, first_argmax, row_keys, sample
 
 SETTINGS = [(1.0, 0, 0.9), (0.7, 5, 1.0), (1.5, 10, 0.5), (0.3, 3, 0.8), (1.0, 1, 1.0), (2.0, 0, 0.05),
             (1.0, 100, 0.99)]
@@ -60,6 +60,19 @@ def test_greedy_rows_take_the_argmax_beside_sampled_rows():
     np.testing.assert_array_equal(got[[0, 2]], np.asarray(jnp.argmax(logits, -1))[[0, 2]])
     assert jax.jit(sample)(logits, keys, temp * 0, jnp.zeros((4,), jnp.int32), jnp.ones((4,))).tolist() == \
         np.argmax(np.asarray(logits), -1).tolist()
+
+
+def test_first_argmax_is_jnp_argmax_with_ties_nan_and_infinities():
+    x = np.random.RandomState(1).randn(7, 1000).astype(np.float32)
+    x[1, [5, 7]] = np.nan  # the first NaN wins
+    x[2] = -np.inf  # every token suppressed: index 0
+    x[3, 100:] = np.inf  # the first of several +inf
+    x[4, [3, 9]] = 1e30  # a tie: the first
+    x[5, -1] = 50.0  # the last index
+    x[6, [2, 4]] = [np.inf, np.nan]  # a NaN after a +inf still wins
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert got.dtype == np.int32 and list(got[1:]) == [5, 0, 100, 3, 999, 4]
 
 
 @pytest.mark.parametrize("bad,match", [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.1), "temperature"),

@@ -21,6 +21,11 @@ def _inputs(b, t, s, h, kvh, d, seed=0):
     return [rs.randn(*shape).astype(np.float32) for shape in ((b, t, h, d), (b, s, kvh, d), (b, s, kvh, d))]
 
 
+def _head_major(x):
+    """[B, S, KVH, D] -> the kernel's (and the KV cache's) [B, KVH, S, D]."""
+    return np.ascontiguousarray(np.asarray(x).transpose(0, 2, 1, 3))
+
+
 def _reference(q, k, v, visible, scale):
     """float64 softmax attention with a [B, T, S] visibility matrix; rows that see nothing give zeros."""
     b, t, h, d = q.shape
@@ -40,6 +45,7 @@ def _reference(q, k, v, visible, scale):
     (97, 97, 16, 16, 72),  # SigLIP-So400m heads (no grouping; 72 = 4.5 vectors)
     (130, 130, 28, 4, 128),  # Qwen2-7B heads
     (1, 300, 8, 2, 32),  # one decode query against a longer cache
+    (2, 261, 6, 1, 72),  # two decode queries, 12 rows: blocks transposed as they are read, a partial last one
     (13, 129, 3, 1, 5),  # tiny head, one key past a key block
     (64, 64, 12, 12, 16),  # chunk-aligned
 ])
@@ -54,18 +60,18 @@ def test_kernel_equals_float64_attention(t, s, h, kvh, d, causal):
     if causal:
         visible &= kv_slot[:, None, :] <= q_slot[:, :, None]
     scale = d**-0.5
-    got = cpu_attention.attention(*map(jnp.asarray, (q, k, v, q_seg, kv_seg, q_slot, kv_slot)), scale, causal)
+    got = cpu_attention.attention(*map(jnp.asarray, (q, _head_major(k), _head_major(v), q_seg, kv_seg, q_slot, kv_slot)),
+                                  scale, causal)
     np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, visible, scale), atol=2e-6, rtol=1e-5)
 
 
 @needs_kernel
-def test_float32_cpu_attention_runs_the_kernel_and_decoding_and_other_dtypes_do_not():
+def test_float32_cpu_attention_runs_the_kernel_decoding_included_and_other_dtypes_do_not():
     lowered = lambda *a: jax.jit(lambda *a: dot_product_attention(*a, None, 0.3)).lower(*a).as_text()
     q, k, v = map(jnp.asarray, _inputs(1, 40, 40, 4, 2, 8))
     assert cpu_attention.TARGET in lowered(q, k, v)
+    assert cpu_attention.TARGET in lowered(q[:, :1], k, v)  # a decode step's query
     assert cpu_attention.TARGET not in lowered(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
-    few = q[:, : layers.CPU_KERNEL_MIN_QUERIES - 1]  # a decode step's queries
-    assert cpu_attention.TARGET not in lowered(few, k, v)
 
 
 @needs_kernel
@@ -95,11 +101,11 @@ def test_vmap_over_a_leading_axis():
 def test_bad_shapes_are_clear_errors():
     q, k, v = map(jnp.asarray, _inputs(1, 4, 4, 3, 2, 8))
     ones = jnp.ones((1, 4), jnp.int32)
-    with pytest.raises(ValueError, match="KVH dividing H"):
-        cpu_attention.attention(q, k, v, ones, ones, ones, ones, 0.3, True)
+    with pytest.raises(ValueError, match="k, v \\[B, KVH, S, D\\] with KVH dividing H"):
+        cpu_attention.attention(q, _head_major(k), _head_major(v), ones, ones, ones, ones, 0.3, True)
     q, k, v = map(jnp.asarray, _inputs(1, 4, 4, 2, 2, 130))
     with pytest.raises(ValueError, match="head sizes 1 to 128, got 130"):
-        cpu_attention.attention(q, k, v, ones, ones, ones, ones, 0.3, True)
+        cpu_attention.attention(q, _head_major(k), _head_major(v), ones, ones, ones, ones, 0.3, True)
     assert not layers._cpu_kernel_applies(q, k, v)  # dot_product_attention uses XLA for such heads
 
 

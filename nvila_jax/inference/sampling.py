@@ -57,6 +57,17 @@ def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     return jnp.where((scaled >= threshold) & (scaled >= kth), scaled, -jnp.inf)
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum; the first NaN where there is one), int32, as two
+    plain reductions: XLA's CPU argmax (one reduction of value-index pairs) is ~1.4x slower on a [8, 152k]
+    vocabulary, time each decode step pays."""
+    nan = jnp.isnan(logits)
+    top = jnp.max(logits, axis=-1, keepdims=True)  # XLA's CPU max need not propagate NaN: they are tested apart
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, logits == top)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample(
     logits: jax.Array,
     keys: jax.Array,
@@ -68,7 +79,7 @@ def sample(
 
     keys: one PRNG key per row. The sort that top-k/top-p need runs only when some row asks for a filter.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
 
     def sampled(logits):
         scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]

@@ -27,14 +27,15 @@ def available() -> bool:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_segment: jax.Array,
               q_slot: jax.Array, kv_slot: jax.Array, scale: float, causal: bool) -> jax.Array:
-    """softmax(scale q k^T) v in float32: q [B,T,H,Dh], k/v [B,S,KVH,Dh] -> [B,T,H,Dh]. A query sees a key when
+    """softmax(scale q k^T) v in float32: q [B,T,H,Dh], k/v head-major [B,KVH,S,Dh] (the KV cache's layout,
+    read in place) -> [B,T,H,Dh]. A query sees a key when
     their segments are equal and non-zero and, if causal, the key's slot is not after the query's; a query
     that sees no key gives zeros (nvila_jax.models.layers.AttentionMask)."""
     if not available():
         raise RuntimeError("the CPU attention kernel cannot run here (see the log); use XLA's attention")
     b, t, h, d = q.shape
-    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[2]:
-        raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, S, KVH, D] with KVH dividing H, got "
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or not k.shape[1] or h % k.shape[1]:
+        raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, KVH, S, D] with KVH dividing H, got "
                          f"{q.shape}, {k.shape}, {v.shape}")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"the CPU attention kernel supports head sizes 1 to {MAX_HEAD_DIM}, got {d}")

@@ -144,10 +144,10 @@ def dot_product_attention(
 ) -> jax.Array:
     """Grouped-query attention, softmax in float32. q [B,T,H,Dh], k/v [B,S,KVH,Dh] -> [B,T,H,Dh].
 
-    Exact either way; a query that sees no key gets zeros. On a CPU with AVX-512, float32 attention of at
-    least CPU_KERNEL_MIN_QUERIES queries runs the flash-style C++ kernel (nvila_jax.kernels.cpu_attention;
-    gradients from `xla_attention`); the rest (decoding, other dtypes and backends) `xla_attention`. Work
-    that XLA cannot split by rows runs per device under a mesh.
+    Exact either way; a query that sees no key gets zeros. On a CPU with AVX-512, float32 attention (prefill,
+    decode steps, the vision tower) runs the flash-style C++ kernel (nvila_jax.kernels.cpu_attention;
+    gradients from `xla_attention`); other dtypes and backends `xla_attention`. Work that XLA cannot split by
+    rows runs per device under a mesh.
     """
     if _cpu_kernel_applies(q, k, v):
         return per_device_attention(_kernel_attention)(q, k, v, mask, scale)
@@ -177,13 +177,8 @@ def _dense_fits(q: jax.Array, k: jax.Array) -> bool:
     return q.shape[1] * k.shape[1] <= ATTENTION_BLOCK_Q * ATTENTION_BLOCK_KV
 
 
-# The CPU kernel repacks every key and value per call, which a handful of queries (decoding) does not repay:
-# XLA is ~15% faster up to 4 queries against a 2,048-slot cache, the kernel ~30% faster from 16.
-CPU_KERNEL_MIN_QUERIES = 16
-
-
 def _cpu_kernel_applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-    return (platform() == "cpu" and q.shape[1] >= CPU_KERNEL_MIN_QUERIES
+    return (platform() == "cpu"
             and q.dtype == k.dtype == v.dtype == jnp.float32 and q.shape[-1] <= cpu_attention.MAX_HEAD_DIM
             and cpu_attention.available())
 
@@ -196,8 +191,8 @@ def _kernel_attention(
     float32 rounding)."""
     if mask is None:
         mask = AttentionMask.all_visible(q.shape[0], q.shape[1], k.shape[1])
-    return cpu_attention.attention(q, k, v, mask.q_segment, mask.kv_segment, mask.q_slot, mask.kv_slot, scale,
-                                   causal=mask.causal)
+    return cpu_attention.attention(q, swap_length_and_heads(k), swap_length_and_heads(v), mask.q_segment,
+                                   mask.kv_segment, mask.q_slot, mask.kv_slot, scale, causal=mask.causal)
 
 
 def _kernel_attention_fwd(q, k, v, mask, scale):

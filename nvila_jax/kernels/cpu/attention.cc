@@ -183,12 +183,65 @@ Visibility Classify(const Range& q, const Range& kv, bool whole_block, bool caus
   return Visibility::kSome;
 }
 
+// The two halves of 64-bit pairs interleaved: steps of the 16 x 16 transpose below.
+__attribute__((target("avx512f"))) inline __m512 PairsLo(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+__attribute__((target("avx512f"))) inline __m512 PairsHi(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+
+// r[i][j] <- r[j][i] for a 16 x 16 float block held in 16 registers (64 shuffles).
+__attribute__((target("avx512f"))) inline void Transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = PairsLo(t[i], t[i + 2]);
+    r[i + 1] = PairsHi(t[i], t[i + 2]);
+    r[i + 2] = PairsLo(t[i + 1], t[i + 3]);
+    r[i + 3] = PairsHi(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// One (batch row, KV head)'s keys [s][d] -> key blocks transposed, [block][d][kKeyBlock], zero past the
+// last key: 16 keys x 16 dimensions at a time through registers.
+__attribute__((target("avx512f"))) void PackKeys(const float* keys, int64_t s, int64_t d, float* kt) {
+  const int64_t padded = (s + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  for (int64_t j0 = 0; j0 < padded; j0 += 16) {
+    float* block = kt + (j0 / kKeyBlock) * d * kKeyBlock + j0 % kKeyBlock;
+    for (int64_t e0 = 0; e0 < d; e0 += 16) {
+      const __mmask16 dims = d - e0 >= 16 ? 0xFFFF : (1u << (d - e0)) - 1;
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = j0 + i < s ? _mm512_maskz_loadu_ps(dims, keys + (j0 + i) * d + e0) : _mm512_setzero_ps();
+      }
+      Transpose16x16(r);
+      for (int64_t e = 0; e < 16 && e0 + e < d; ++e) _mm512_storeu_ps(block + (e0 + e) * kKeyBlock, r[e]);
+    }
+  }
+}
+
 struct Problem {
   const float* q;
   const int32_t *q_seg, *kv_seg, *q_slot, *kv_slot;
   float* out;
-  const float* kt;  // keys transposed per block: [B][KVH][block][d][kKeyBlock], zero past the last key
-  const float* vp;  // values per KV head: [B][KVH][S][d]
+  const float* kt;  // keys transposed per block: [B][KVH][block][d][kKeyBlock], zero past the last key; or
+                    // null: each item transposes its blocks as it goes (one chunk of rows reads them once)
+  const float* k;   // keys, head-major: [B][KVH][S][d]
+  const float* v;   // values, head-major: [B][KVH][S][d]
   int64_t b, t, h, s, kvh, d;
   float scale;
   bool causal;
@@ -205,6 +258,7 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
   thread_local std::vector<int32_t> row_seg, row_slot, key_seg, key_slot;
   thread_local std::vector<float> o, run_max, denom, s, corr;
   thread_local std::vector<__mmask16> visible;
+  thread_local std::vector<float> block_kt;
   thread_local std::vector<Range> chunk_range;
   q_row.resize(padded_rows), row_seg.resize(padded_rows), row_slot.resize(padded_rows);
   for (int64_t r = 0; r < padded_rows; ++r) {
@@ -227,8 +281,15 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
       key_slot[j] = j < nk ? P.kv_slot[ib * P.s + k0 + j] : 0;
       keys.Add(key_seg[j], key_slot[j]);
     }
-    const float* kt = P.kt + ((ib * P.kvh + ih) * ((P.s + kKeyBlock - 1) / kKeyBlock) + k0 / kKeyBlock) * d * kKeyBlock;
-    const float* v0 = P.vp + ((ib * P.kvh + ih) * P.s + k0) * d;
+    const float* kt;
+    if (P.kt != nullptr) {
+      kt = P.kt + ((ib * P.kvh + ih) * ((P.s + kKeyBlock - 1) / kKeyBlock) + k0 / kKeyBlock) * d * kKeyBlock;
+    } else {
+      block_kt.resize(d * kKeyBlock);
+      PackKeys(P.k + ((ib * P.kvh + ih) * P.s + k0) * d, nk, d, block_kt.data());
+      kt = block_kt.data();
+    }
+    const float* v0 = P.v + ((ib * P.kvh + ih) * P.s + k0) * d;
     for (int64_t c = 0; c < padded_rows / kChunk; ++c) {
       const Visibility vis = Classify(chunk_range[c], keys, nk == nk_pad, P.causal);
       if (vis == Visibility::kNone) continue;
@@ -264,40 +325,36 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
                      ffi::Buffer<ffi::S32> kv_slot, ffi::ResultBuffer<ffi::F32> out, float scale, int32_t causal) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || kd[3] != qd[3] ||
-      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || vd[3] != kd[3] || kd[2] == 0 || qd[2] % kd[2] != 0) {
-    return ffi::Error::InvalidArgument("attention expects q [B, T, H, D] and k, v [B, S, KVH, D] with KVH dividing H");
+      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || vd[3] != kd[3] || kd[1] == 0 || qd[2] % kd[1] != 0) {
+    return ffi::Error::InvalidArgument("attention expects q [B, T, H, D] and k, v [B, KVH, S, D] with KVH dividing H");
   }
   if (qd[3] < 1 || qd[3] > 128) return ffi::Error::InvalidArgument("attention supports head sizes 1 to 128");
-  const int64_t b = qd[0], t = qd[1], h = qd[2], s = kd[1], kvh = kd[2], d = qd[3];
+  const int64_t b = qd[0], t = qd[1], h = qd[2], kvh = kd[1], s = kd[2], d = qd[3];
   if (q_seg.element_count() != b * t || q_slot.element_count() != b * t || kv_seg.element_count() != b * s ||
       kv_slot.element_count() != b * s) {
     return ffi::Error::InvalidArgument("attention expects segments and slots of shapes [B, T] and [B, S]");
   }
-  // Keys transposed and values gathered once per (batch row, KV head): every query block reads them, and
-  // contiguous values keep a block's rows in a few pages (a [B, S, KVH, D] row stride can exceed a page).
-  // The buffer belongs to the calling thread and is reused by its later calls (no page faults per call).
-  const int64_t key_blocks = (s + kKeyBlock - 1) / kKeyBlock, kt_size = b * kvh * key_blocks * d * kKeyBlock;
-  thread_local std::vector<float> packed;
-  if (packed.size() < static_cast<size_t>(kt_size + b * kvh * s * d)) packed.resize(kt_size + b * kvh * s * d);
-  float *kt = packed.data(), *vp = kt + kt_size;
-  const float *kp = k.typed_data(), *v_in = v.typed_data();
-  nvila::ParallelFor(pool, b * kvh, [&](int64_t bh) {
-    const int64_t ib = bh / kvh, ih = bh % kvh;
-    for (int64_t j = 0; j < key_blocks * kKeyBlock; ++j) {  // keys past the last: zeros
-      float* dst = &kt[(bh * key_blocks + j / kKeyBlock) * d * kKeyBlock + j % kKeyBlock];
-      if (j >= s) {
-        for (int64_t e = 0; e < d; ++e) dst[e * kKeyBlock] = 0.0f;
-        continue;
-      }
-      const int64_t at = ((ib * s + j) * kvh + ih) * d;
-      for (int64_t e = 0; e < d; ++e) dst[e * kKeyBlock] = kp[at + e];
-      std::memcpy(&vp[(bh * s + j) * d], v_in + at, d * sizeof(float));
-    }
-  });
-  const Problem P{q.typed_data(),      q_seg.typed_data(), kv_seg.typed_data(), q_slot.typed_data(),
-                  kv_slot.typed_data(), out->typed_data(), kt,       vp, b, t, h, s, kvh, d, scale, causal != 0};
+  // Keys transposed once per (batch row, KV head) when several chunks of query rows read them (prefill); a
+  // decode step's rows (one chunk) transpose each block as they read it, in cache. The buffer belongs to the
+  // calling thread and is reused by its later calls (no page faults per call). Values are read in place.
+  const int64_t g = h / kvh, key_blocks = (s + kKeyBlock - 1) / kKeyBlock;
+  const float* kp = k.typed_data();
+  float* kt = nullptr;
+  if (t * g > kChunk) {
+    thread_local std::vector<float> packed;
+    const int64_t kt_size = b * kvh * key_blocks * d * kKeyBlock;
+    if (packed.size() < static_cast<size_t>(kt_size)) packed.resize(kt_size);
+    kt = packed.data();
+    nvila::ParallelFor(pool, b * kvh,
+                       [&](int64_t bh) { PackKeys(kp + bh * s * d, s, d, kt + bh * key_blocks * d * kKeyBlock); });
+  }
+  const Problem P{q.typed_data(),       q_seg.typed_data(), kv_seg.typed_data(), q_slot.typed_data(),
+                  kv_slot.typed_data(), out->typed_data(),  kt,                  kp,
+                  v.typed_data(),       b,                  t,                   h,
+                  s,                    kvh,                d,                   scale,
+                  causal != 0};
   // Query positions per item: about kItemRows rows, a whole number of chunks where the group size allows.
-  const int64_t g = h / kvh, unit = kChunk / std::gcd(g, kChunk);
+  const int64_t unit = kChunk / std::gcd(g, kChunk);
   const int64_t positions = std::max<int64_t>(unit, kItemRows / g / unit * unit);
   const int64_t q_blocks = (t + positions - 1) / positions;
   nvila::ParallelFor(pool, b * kvh * q_blocks, [&P, q_blocks, kvh, positions](int64_t item) {

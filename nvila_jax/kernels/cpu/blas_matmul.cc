@@ -40,13 +40,14 @@ ffi::Error BlasMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (int64_t i = 0; i < m * n; ++i) op[i] = 0.0f;
     return ffi::Error::Success();
   }
+  const int64_t threads = nvila::Threads(pool);  // one block each: a GEMM call is long, and packs its panels
   if (m >= n) {  // blocks of rows: each thread reads all of w and its rows of x
-    nvila::ForRanges(pool, m, 1, [&](int64_t, int64_t m0, int64_t m1) {
+    nvila::ForRanges(pool, m, 1, threads, [&](int64_t, int64_t m0, int64_t m1) {
       scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, w_op, m1 - m0, n, k, 1.0f, xp + m0 * k, k, wp, ldw, 0.0f,
                         op + m0 * n, n);
     });
   } else {  // blocks of columns: each thread reads all of x and its columns of w
-    nvila::ForRanges(pool, n, kColumnAlign, [&](int64_t, int64_t n0, int64_t n1) {
+    nvila::ForRanges(pool, n, kColumnAlign, threads, [&](int64_t, int64_t n0, int64_t n1) {
       scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, w_op, m, n1 - n0, k, 1.0f, xp, k,
                         wp + (transposed ? n0 * k : n0), ldw, 0.0f, op + n0, n);
     });

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import sys
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
+from helpers.products import assert_equals_float64_product
 from nvila_jax.kernels import blas_matmul as bm
 
 needs_kernel = pytest.mark.skipif(not bm.available(), reason="needs scipy-openblas32, a C++ compiler and a CPU backend")
@@ -21,14 +20,7 @@ needs_kernel = pytest.mark.skipif(not bm.available(), reason="needs scipy-openbl
 @pytest.mark.parametrize("m,k,n", [(17, 64, 48), (2048, 96, 130), (300, 1, 7), (333, 129, 100), (20, 64, 1000),
                                    (17, 896, 4864), (40, 31, 33), (64, 5, 65), (1, 8, 3), (3, 0, 5)])
 def test_equals_a_float64_product(m, k, n, transposed):
-    rs = np.random.RandomState(m * 1000 + k + n)
-    x, w = rs.randn(m, k).astype(np.float32), rs.randn(k, n).astype(np.float32)
-    stored = np.ascontiguousarray(w.T) if transposed else w
-    got = np.asarray(jax.jit(bm.blas_matmul, static_argnums=2)(jnp.asarray(x), jnp.asarray(stored), transposed))
-    want = x.astype(np.float64) @ w.astype(np.float64)
-    scale = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64)  # float32 rounding grows with this
-    assert got.shape == (m, n)
-    assert np.all(np.abs(got - want) <= 1e-6 * scale + 1e-30)
+    assert_equals_float64_product(bm.blas_matmul, m, k, n, transposed)
 
 
 def test_rejects_other_shapes():

@@ -4,25 +4,13 @@ and by K (the dispatch: test_kernels_cpu_dot_general.py; the build cache: test_k
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
+from helpers.products import assert_equals_float64_product
 from nvila_jax.kernels import rows_matmul as rm
 
 needs_kernel = pytest.mark.skipif(not rm.available(), reason="needs a CPU with AVX-512 and a C++ compiler")
-
-
-def _check_product(m, k, n, transposed):
-    rs = np.random.RandomState(m * 1000 + k + n)
-    x, w = rs.randn(m, k).astype(np.float32), rs.randn(k, n).astype(np.float32)
-    stored = np.ascontiguousarray(w.T) if transposed else w
-    got = np.asarray(jax.jit(rm.rows_matmul, static_argnums=2)(jnp.asarray(x), jnp.asarray(stored), transposed))
-    want = x.astype(np.float64) @ w.astype(np.float64)
-    scale = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64)  # float32 rounding grows with this
-    assert got.shape == (m, n)
-    assert np.all(np.abs(got - want) <= 1e-6 * scale + 1e-30)
 
 
 # w [K, N]: 1-8 rows take two-vector tiles, 9-16 one-vector tiles; narrow N (short row segments per thread)
@@ -32,7 +20,7 @@ def _check_product(m, k, n, transposed):
                                    (5, 16, 32), (8, 40, 31), (3, 1, 7), (12, 1001, 300), (2, 64, 40000),
                                    (16, 33, 16)])
 def test_equals_a_float64_product(m, k, n):
-    _check_product(m, k, n, transposed=False)
+    assert_equals_float64_product(rm.rows_matmul, m, k, n, transposed=False)
 
 
 # w [N, K]: groups of 8 / 3 / ... rows of w with a masked last K vector, and the rows past the last group.
@@ -40,7 +28,7 @@ def test_equals_a_float64_product(m, k, n):
 @pytest.mark.parametrize("m,k,n", [(1, 64, 100), (1, 896, 1003), (2, 896, 4864), (3, 17, 7), (4, 5, 13),
                                    (7, 100, 31), (8, 896, 1000), (8, 16, 3), (6, 1, 9)])
 def test_transposed_equals_a_float64_product(m, k, n):
-    _check_product(m, k, n, transposed=True)
+    assert_equals_float64_product(rm.rows_matmul, m, k, n, transposed=True)
 
 
 def test_rejects_other_shapes():

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "matmul_binding.h"
 #include "parallel.h"
 #include "cblas.h"  // scipy-openblas32's, on the include path given by kernels/blas_matmul.py
 #include "xla/ffi/api/ffi.h"
@@ -59,10 +60,4 @@ ffi::Error BlasMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 extern "C" int nvila_blas_matmul_supported() { return 1; }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NvilaBlasMatmul, BlasMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transposed"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvilaBlasMatmul, BlasMatmul, nvila::MatmulBinding());

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "matmul_binding.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -180,10 +181,4 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 extern "C" int nvila_rows_matmul_supported() { return __builtin_cpu_supports("avx512f"); }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NvilaRowsMatmul, RowsMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transposed"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NvilaRowsMatmul, RowsMatmul, nvila::MatmulBinding());

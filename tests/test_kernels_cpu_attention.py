@@ -21,11 +21,6 @@ def _inputs(b, t, s, h, kvh, d, seed=0):
     return [rs.randn(*shape).astype(np.float32) for shape in ((b, t, h, d), (b, s, kvh, d), (b, s, kvh, d))]
 
 
-def _head_major(x):
-    """[B, S, KVH, D] -> the kernel's (and the KV cache's) [B, KVH, S, D]."""
-    return np.ascontiguousarray(np.asarray(x).transpose(0, 2, 1, 3))
-
-
 def _reference(q, k, v, visible, scale):
     """float64 softmax attention with a [B, T, S] visibility matrix; rows that see nothing give zeros."""
     b, t, h, d = q.shape
@@ -60,8 +55,8 @@ def test_kernel_equals_float64_attention(t, s, h, kvh, d, causal):
     if causal:
         visible &= kv_slot[:, None, :] <= q_slot[:, :, None]
     scale = d**-0.5
-    got = cpu_attention.attention(*map(jnp.asarray, (q, _head_major(k), _head_major(v), q_seg, kv_seg, q_slot, kv_slot)),
-                                  scale, causal)
+    kh, vh = (layers.swap_length_and_heads(x) for x in (k, v))  # the kernel's (the cache's) [B, KVH, S, D]
+    got = cpu_attention.attention(*map(jnp.asarray, (q, kh, vh, q_seg, kv_seg, q_slot, kv_slot)), scale, causal)
     np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, visible, scale), atol=2e-6, rtol=1e-5)
 
 
@@ -99,13 +94,14 @@ def test_vmap_over_a_leading_axis():
 
 @needs_kernel
 def test_bad_shapes_are_clear_errors():
+    head_major = lambda *a: map(layers.swap_length_and_heads, a)  # noqa: E731
     q, k, v = map(jnp.asarray, _inputs(1, 4, 4, 3, 2, 8))
     ones = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="k, v \\[B, KVH, S, D\\] with KVH dividing H"):
-        cpu_attention.attention(q, _head_major(k), _head_major(v), ones, ones, ones, ones, 0.3, True)
+        cpu_attention.attention(q, *head_major(k, v), ones, ones, ones, ones, 0.3, True)
     q, k, v = map(jnp.asarray, _inputs(1, 4, 4, 2, 2, 130))
     with pytest.raises(ValueError, match="head sizes 1 to 128, got 130"):
-        cpu_attention.attention(q, _head_major(k), _head_major(v), ones, ones, ones, ones, 0.3, True)
+        cpu_attention.attention(q, *head_major(k, v), ones, ones, ones, ones, 0.3, True)
     assert not layers._cpu_kernel_applies(q, k, v)  # dot_product_attention uses XLA for such heads
 
 

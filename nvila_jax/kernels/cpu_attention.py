@@ -28,9 +28,9 @@ def available() -> bool:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment: jax.Array, kv_segment: jax.Array,
               q_slot: jax.Array, kv_slot: jax.Array, scale: float, causal: bool) -> jax.Array:
     """softmax(scale q k^T) v in float32: q [B,T,H,Dh], k/v head-major [B,KVH,S,Dh] (the KV cache's layout,
-    read in place) -> [B,T,H,Dh]. A query sees a key when
-    their segments are equal and non-zero and, if causal, the key's slot is not after the query's; a query
-    that sees no key gives zeros (nvila_jax.models.layers.AttentionMask)."""
+    read in place) -> [B,T,H,Dh]. A query sees a key when their segments are equal and non-zero and, if
+    causal, the key's slot is not after the query's; a query that sees no key gives zeros
+    (nvila_jax.models.layers.AttentionMask)."""
     if not available():
         raise RuntimeError("the CPU attention kernel cannot run here (see the log); use XLA's attention")
     b, t, h, d = q.shape

@@ -10,7 +10,9 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from nvila_jax.inference.buckets import batch_bucket, bucket, power_of_two_chunks
-from nvila_jax.inference.sampling import SamplingParams, _filter_top_k_top_p, first_argmax, row_keys, sample
+from nvila_jax.inference import sampling
+from nvila_jax.inference.sampling import (SamplingParams, _filter_top_k_top_p, first_argmax, greedy_tokens, row_keys,
+                                         sample)
 
 SETTINGS = [(1.0, 0, 0.9), (0.7, 5, 1.0), (1.5, 10, 0.5), (0.3, 3, 0.8), (1.0, 1, 1.0), (2.0, 0, 0.05),
             (1.0, 100, 0.99)]
@@ -73,6 +75,31 @@ def test_first_argmax_is_jnp_argmax_with_ties_nan_and_infinities():
     got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
     np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
     assert got.dtype == np.int32 and list(got[1:]) == [5, 0, 100, 3, 999, 4]
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_greedy_tokens_never_choose_a_suppressed_id(kernel, monkeypatch):
+    if not kernel:  # the XLA path, as on a mesh or without the CPU kernel
+        monkeypatch.setattr(sampling.rows_argmax, "available", lambda: False)
+    x = np.random.RandomState(2).randn(5, 3000).astype(np.float32)
+    x[1, [4, 8]] = np.nan
+    x[2, 10] = 99.0  # suppressed below
+    x[3] = -np.inf
+    suppressed = np.zeros(3000, bool)
+    suppressed[[4, 10, 2999]] = True
+    x[4, 2999] = 98.0
+    want = np.argmax(np.where(suppressed, -np.inf, x), -1)
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(x), jnp.asarray(suppressed)))
+    np.testing.assert_array_equal(got, want)
+    assert got[1] == 8 and got[3] == 0 and not suppressed[got[[0, 2, 4]]].any()
+    np.testing.assert_array_equal(np.asarray(greedy_tokens(jnp.asarray(x))), np.argmax(x, -1))  # none suppressed
+    temp = jnp.asarray([0.0, 0.0, 1.0, 0.0, 1.0])  # sampled rows never draw a suppressed id either
+    for seed in range(5):
+        keys = row_keys(jnp.arange(5, dtype=jnp.uint32) + seed, jnp.zeros((5,), jnp.int32))
+        got = np.asarray(sample(jnp.asarray(x), keys, temp, jnp.zeros((5,), jnp.int32), jnp.ones((5,)),
+                                jnp.asarray(suppressed)))
+        np.testing.assert_array_equal(got[[0, 1, 3]], want[[0, 1, 3]])
+        assert not suppressed[got[[2, 4]]].any()
 
 
 @pytest.mark.parametrize("bad,match", [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.1), "temperature"),

@@ -25,7 +25,7 @@ from nvila_jax.config import NVILAConfig
 from nvila_jax.distributed import to_host
 from nvila_jax.inference.buckets import batch_bucket, bucket, power_of_two_chunks
 from nvila_jax.inference.request import Request
-from nvila_jax.inference.sampling import SamplingParams, row_keys, sample, suppress
+from nvila_jax.inference.sampling import SamplingParams, row_keys, sample
 from nvila_jax.kernels.backend import cpu_tuned_jit
 from nvila_jax.models.nvila import NVILA
 from nvila_jax.models.qwen2 import KVCache
@@ -77,8 +77,8 @@ class StepOutput:
 
 def advance(state: DecodeState, logits: jax.Array) -> tuple[DecodeState, StepOutput]:
     """Chooses each row's next token from float32 logits [B, V] and updates stop bookkeeping."""
-    logits = suppress(logits, state.suppressed)
-    tokens = sample(logits, row_keys(state.seeds, state.generated), state.temperature, state.top_k, state.top_p)
+    tokens = sample(logits, row_keys(state.seeds, state.generated), state.temperature, state.top_k, state.top_p,
+                    state.suppressed)
     active = ~state.done
     generated = state.generated + active.astype(jnp.int32)
     stopped = jnp.isin(tokens, state.stop_ids)

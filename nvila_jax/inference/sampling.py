@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from nvila_jax.kernels import rows_argmax
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -68,20 +70,34 @@ def first_argmax(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
+def greedy_tokens(logits: jax.Array, suppressed: jax.Array | None = None) -> jax.Array:
+    """The argmax of each row of float32 logits [B, V] with the `suppressed` ids [V] at -inf (`first_argmax`
+    semantics), in one pass by the CPU kernel (kernels.rows_argmax) on a single CPU device."""
+    if suppressed is None:
+        suppressed = jnp.zeros(logits.shape[-1:], jnp.bool_)
+    if jax.device_count() == 1 and rows_argmax.available():
+        return rows_argmax.rows_argmax(logits, suppressed)
+    return first_argmax(suppress(logits, suppressed))
+
+
 def sample(
     logits: jax.Array,
     keys: jax.Array,
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
+    suppressed: jax.Array | None = None,
 ) -> jax.Array:
-    """Next tokens [B] from float32 logits [B, V]; rows with temperature 0 take the argmax.
+    """Next tokens [B] from float32 logits [B, V], never one of the `suppressed` ids [V] (bool; None: none);
+    rows with temperature 0 take the argmax.
 
-    keys: one PRNG key per row. The sort that top-k/top-p need runs only when some row asks for a filter.
-    """
-    greedy = first_argmax(logits)
+    keys: one PRNG key per row. The masked logits are built and the sort that top-k/top-p need runs only
+    when some row samples, and asks for a filter."""
+    greedy = greedy_tokens(logits, suppressed)
 
     def sampled(logits):
+        if suppressed is not None:
+            logits = suppress(logits, suppressed)
         scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
         needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
         scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)

@@ -57,6 +57,7 @@ def decode_steps_per_s(generate: Callable[[int], object], new: int, repeats: int
 class MachineLimits:
     gemm_flops: dict[str, float]  # float32 GEMM rate of each library in the process, FLOP/s
     read_rates: dict[str, float]  # rate of reading a 1 GiB float32 array once, by each method, bytes/s
+    gemms: dict[str, Callable[[], object]] = dataclasses.field(repr=False, compare=False)  # GEMM_FLOPS each
 
     @property
     def matmul_flops(self) -> float:
@@ -68,27 +69,37 @@ class MachineLimits:
         """The memory bandwidth the benchmarks report against: the fastest method's read rate."""
         return max(self.read_rates.values())
 
+    def peak_now(self, repeats: int = 2) -> float:
+        """The fastest library's GEMM rate measured again now (best of `repeats`, no warm-up): the host is a
+        shared VM whose speed drifts by 10-15% over minutes (359-410 GFLOP/s in three runs of one evening),
+        more than the margins measured against it."""
+        best = max(self.gemm_flops, key=self.gemm_flops.get)
+        return GEMM_FLOPS / timed(self.gemms[best], repeats, warmup=0)[0]
+
     def describe(self) -> str:
         def listed(rates: dict[str, float], digits: int) -> str:  # the fastest, then every rate in units of 1e9
             best = max(rates, key=rates.get)
             return f"{best}; " + ", ".join(f"{name} {rate / 1e9:.{digits}f}" for name, rate in rates.items())
 
         return (f"machine: {THREADS} threads; float32 matmul peak {self.matmul_flops / 1e9:.0f} GFLOP/s "
-                f"({listed(self.gemm_flops, 0)} in a 4096^3 GEMM, GFLOP/s), memory read bandwidth "
+                f"({listed(self.gemm_flops, 0)} in a {GEMM_SIZE}^3 GEMM, GFLOP/s), memory read bandwidth "
                 f"{self.read_bandwidth / 1e9:.1f} GB/s ({listed(self.read_rates, 1)} reading 1 GiB, GB/s)")
 
 
-def measure_machine(size: int = 4096, gib: float = 1.0) -> MachineLimits:
-    """The limits the benchmarks report against, measured now: the best rate of a size^3 float32 GEMM by any
-    library in the process (PyTorch's MKL, numpy's OpenBLAS, XLA's own GEMM, and nvila_jax's OpenBLAS kernel;
-    a square GEMM is the fastest thing a CPU does), and the best rate of reading a large float32 array once
-    (summed by PyTorch, XLA and numpy, and streamed by nvila_jax's decode kernel as a one-row product: the
+GEMM_SIZE = 4096
+GEMM_FLOPS = 2.0 * GEMM_SIZE**3
+
+
+def measure_machine(gib: float = 1.0) -> MachineLimits:
+    """The limits the benchmarks report against, measured now: the best rate of a GEMM_SIZE^3 float32 GEMM by
+    any library in the process (PyTorch's MKL, numpy's OpenBLAS, XLA's own GEMM, and nvila_jax's OpenBLAS
+    kernel; a square GEMM is the fastest thing a CPU does), and the best rate of reading a large float32 array
+    once (summed by PyTorch, XLA and numpy, and streamed by nvila_jax's decode kernel as a one-row product: the
     limit is what the fastest of them reaches, as for the GEMM)."""
     from nvila_jax.kernels import blas_matmul, rows_matmul
 
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
-    flops = 2.0 * size**3
+    a, b = (rng.standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=np.float32) for _ in range(2))
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     mm = jax.jit(jnp.matmul)
@@ -109,7 +120,46 @@ def measure_machine(size: int = 4096, gib: float = 1.0) -> MachineLimits:
         stream = jax.jit(rows_matmul.rows_matmul)
         x, w = jnp.ones((1, n // 4096), jnp.float32), jbig.reshape(-1, 4096)
         reads["nvila_jax rows kernel, 1 row"] = timed(lambda: stream(x, w).block_until_ready(), repeats=5)[0]
-    return MachineLimits({name: flops / t for name, t in times.items()}, {name: 4.0 * n / t for name, t in reads.items()})
+    return MachineLimits({name: GEMM_FLOPS / t for name, t in times.items()},
+                         {name: 4.0 * n / t for name, t in reads.items()}, gemms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """Wall seconds of each timed run of one workload, and the GEMM peak measured just before each run."""
+
+    seconds: list[float]
+    peaks: list[float]
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def peak_range(self) -> str:
+        """The peaks measured beside the runs, GFLOP/s."""
+        return f"{min(self.peaks) / 1e9:.0f}-{max(self.peaks) / 1e9:.0f}"
+
+    def of_peak(self, flops: float) -> str:
+        """"best / median" over the runs of flops / seconds / the peak measured beside that run."""
+        ratios = [flops / t / p for t, p in zip(self.seconds, self.peaks)]
+        return f"{max(ratios):.0%} / {statistics.median(ratios):.0%}"
+
+
+def timed_beside_peak(fns: dict[str, Callable[[], object]], limits: MachineLimits, repeats: int) -> dict[str, Runs]:
+    """Each fn() timed `repeats` times, the workloads taking turns, each run right after a fresh measurement of
+    the GEMM peak (limits.peak_now): a run's fraction of the peak then compares two things measured under the
+    same load from the host's neighbours, and both frameworks see the same periods. Warm the fns up first."""
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            peaks[name].append(limits.peak_now())
+            seconds[name].append(timed(fn, 1, warmup=0)[0])
+    return {name: Runs(seconds[name], peaks[name]) for name in fns}
 
 
 def bench_config(vision_layers: int = 27, llm_layers: int = 24, tiling: str = "dynamic_s2") -> NVILAConfig:

@@ -137,6 +137,24 @@ def test_per_layer_parameters_equal_the_scanned_stack(name):
     assert float(jnp.abs(jnp.stack(results[0][3])).max()) > 0  # the cache was written
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the conditional that keeps the tables apart is CPU-only")
+@pytest.mark.parametrize("scan", [False, True])
+def test_rotary_tables_are_computed_once_per_forward(scan):
+    """On a CPU, cos and sin are evaluated once per forward however deep the stack (models.qwen2.rotary_tables):
+    fused into each layer's rotations, XLA evaluated them again for every element of every layer's q and k."""
+    counts = []
+    for layers in (1, 3):
+        cfg = dataclasses.replace(LLM_CASES["mqa-tied"], num_hidden_layers=layers)
+        _, params = _llm(cfg)
+        params = params if scan else unstack_layer_params(params)
+        emb, pos, seg = jnp.zeros((1, 33, cfg.hidden_size)), jnp.arange(33)[None], jnp.ones((1, 33), jnp.int32)
+        run = jax.jit(lambda p, pos: _apply(cfg, p, emb, pos, seg, scan_layers=scan))  # positions unknown: an input
+        hlo = run.lower(params, pos).compile().as_text()
+        counts.append((hlo.count(" cosine("), hlo.count(" sine(")))
+    assert counts[0] == counts[1], counts
+    assert 1 <= counts[1][0] <= 2 and 1 <= counts[1][1] <= 2, counts  # one per branch of the conditional
+
+
 @pytest.mark.parametrize("scan,remat", [(False, "none"), (False, "full"), (True, "none")])
 def test_last_only_equals_the_last_position_of_the_full_stack(scan, remat):
     """A prefill's `last_only` (the unrolled stack's last layer skips every query but the last) gives the last

@@ -5,7 +5,7 @@ KV cache pytree that is passed in and returned (never stored in the module).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvila_jax.config import Qwen2Config
+from nvila_jax.kernels.backend import platform
 from nvila_jax.models.layers import (KERNEL_INIT, AttentionMask, Dtype, RMSNorm, dense, dot_product_attention,
                                      rematerialised, stack_layers, swap_length_and_heads)
 
@@ -57,14 +58,39 @@ def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
     return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding with the rotate-half layout. x [B, T, H, Dh], positions [B, T]."""
-    inv = jnp.asarray(rope_inverse_frequencies(x.shape[-1], theta))
-    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, Dh/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+class RotaryTables(NamedTuple):
+    """cos and sin of each position's rotary angles, [B, T, 1, Dh] each (broadcast over the heads)."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+    def last(self) -> RotaryTables:
+        return RotaryTables(self.cos[:, -1:], self.sin[:, -1:])
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float, dtype: Dtype) -> RotaryTables:
+    """The rotary tables of positions [B, T], built once per forward and shared by every layer.
+
+    On a CPU they are built inside a conditional, a boundary XLA's fusion does not cross: left alone, XLA
+    fuses cos and sin into each layer's rotation of q and k and evaluates them for every element of every
+    head (3.9 ms of a 2,048-token layer's rotations instead of 0.7; an optimization barrier is removed
+    before fusion). Both branches are the same; the predicate only has to be unknown when compiling."""
+
+    def build(p: jax.Array) -> RotaryTables:
+        inv = jnp.asarray(rope_inverse_frequencies(head_dim, theta))
+        angles = p.astype(jnp.float32)[..., None] * inv  # [B, T, Dh/2]
+        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+        return RotaryTables(jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype))
+
+    if platform() != "cpu":
+        return build(positions)
+    return jax.lax.cond(jnp.all(positions >= 0), build, build, positions)
+
+
+def apply_rope(x: jax.Array, rope: RotaryTables) -> jax.Array:
+    """Rotary embedding with the rotate-half layout. x [B, T, H, Dh]."""
     x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return x * rope.cos + jnp.concatenate([-x2, x1], axis=-1) * rope.sin
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -74,7 +100,7 @@ class Qwen2DecoderLayer(nn.Module):
     dot_general_cls: Any = None
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask: AttentionMask, cache_index, last_only: bool = False):
+    def __call__(self, x, layer_cache, rope: RotaryTables, mask: AttentionMask, cache_index, last_only: bool = False):
         """x [B, T, D] -> (x, layer_cache). layer_cache: None, or this layer's (keys, values) [B, KVH, S, Dh]
         from `KVCache`, into which the T new keys and values are written at slots [cache_index,
         cache_index + T) before attending.
@@ -87,12 +113,12 @@ class Qwen2DecoderLayer(nn.Module):
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
         k = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="k_proj", **big)(h)
         v = dense((c.num_key_value_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), name="v_proj", **big)(h)
-        k = apply_rope(k, positions, c.rope_theta)
+        k = apply_rope(k, rope)
         if last_only:
-            x, h, positions = x[:, -1:], h[:, -1:], positions[:, -1:]
+            x, h, rope = x[:, -1:], h[:, -1:], rope.last()
             mask = dataclasses.replace(mask, q_segment=mask.q_segment[:, -1:], q_slot=mask.q_slot[:, -1:])
         q = dense((c.num_attention_heads, c.head_dim), ("embed", "q_heads", "head_dim"), name="q_proj", **big)(h)
-        q = nn.with_logical_constraint(apply_rope(q, positions, c.rope_theta), ("batch", "length", "q_heads", "head_dim"))
+        q = nn.with_logical_constraint(apply_rope(q, rope), ("batch", "length", "q_heads", "head_dim"))
         if layer_cache is not None:
             layer_cache = tuple(
                 jax.lax.dynamic_update_slice(cached, swap_length_and_heads(new).astype(cached.dtype),
@@ -135,7 +161,7 @@ class Qwen2LM(nn.Module):
             c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(KERNEL_INIT, ("vocab", "embed")),
         )
-        # The carry holds the hidden states and the KV cache; positions, mask and cache index are broadcast.
+        # The carry holds the hidden states and the KV cache; rotary tables, mask and cache index are broadcast.
         layer_args = (c, self.dtype, self.param_dtype, self.dot_general_cls)
         if self.scan_layers:
             stack = stack_layers(Qwen2DecoderLayer, c.num_hidden_layers, self.remat,
@@ -152,7 +178,7 @@ class Qwen2LM(nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embed_tokens(ids)
 
-    def decoder_layers(self, x: jax.Array, caches, positions: jax.Array, mask: AttentionMask, cache_index,
+    def decoder_layers(self, x: jax.Array, caches, rope: RotaryTables, mask: AttentionMask, cache_index,
                        last_only: bool = False):
         """The decoder stack, scanned or one layer after another: (x, caches) with caches None or the
         per-layer (keys, values) of `KVCache`. `last_only`: the output holds the last position only, and the
@@ -160,13 +186,13 @@ class Qwen2LM(nn.Module):
         the caches for the scan and splits them after it (copies; inference runs the unrolled stack)."""
         if self.scan_layers:
             stacked = None if caches is None else tuple(jnp.stack(c) for c in caches)
-            x, stacked = self.layers(x, stacked, positions, mask, cache_index)
+            x, stacked = self.layers(x, stacked, rope, mask, cache_index)
             caches = None if stacked is None else tuple(tuple(c) for c in stacked)
             return (x[:, -1:] if last_only else x), caches
         new = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if caches is None else (caches[0][i], caches[1][i])
-            x, layer_cache = layer(x, layer_cache, positions, mask, cache_index, last_only and i == len(self.layers) - 1)
+            x, layer_cache = layer(x, layer_cache, rope, mask, cache_index, last_only and i == len(self.layers) - 1)
             new.append(layer_cache)
         return x, (None if caches is None else tuple(zip(*new)))
 
@@ -200,14 +226,15 @@ class Qwen2LM(nn.Module):
         b, t = segment_ids.shape
         x = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
         q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
         if cache is None:
             mask = AttentionMask(segment_ids, segment_ids, q_slot, q_slot)
-            x, _ = self.decoder_layers(x, None, positions, mask, 0, last_only)
+            x, _ = self.decoder_layers(x, None, rope, mask, 0, last_only)
             return self.norm(x), None
         seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
         kv_slot = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), seg.shape)
         mask = AttentionMask(segment_ids, seg, q_slot + cache.index, kv_slot)
-        x, (k, v) = self.decoder_layers(x, (cache.k, cache.v), positions, mask, cache.index, last_only)
+        x, (k, v) = self.decoder_layers(x, (cache.k, cache.v), rope, mask, cache.index, last_only)
         return self.norm(x), KVCache(k=k, v=v, segment_ids=seg, index=cache.index + t)
 
 

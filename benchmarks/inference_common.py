@@ -57,7 +57,7 @@ def decode_steps_per_s(generate: Callable[[int], object], new: int, repeats: int
 class MachineLimits:
     gemm_flops: dict[str, float]  # float32 GEMM rate of each library in the process, FLOP/s
     read_rates: dict[str, float]  # rate of reading a 1 GiB float32 array once, by each method, bytes/s
-    gemms: dict[str, Callable[[], object]] = dataclasses.field(repr=False, compare=False)  # GEMM_FLOPS each
+    fastest_gemm: Callable[[], object] = dataclasses.field(repr=False, compare=False)  # its GEMM_FLOPS, again
 
     @property
     def matmul_flops(self) -> float:
@@ -73,8 +73,7 @@ class MachineLimits:
         """The fastest library's GEMM rate measured again now (best of `repeats`, no warm-up): the host is a
         shared VM whose speed drifts by 10-15% over minutes (359-410 GFLOP/s in three runs of one evening),
         more than the margins measured against it."""
-        best = max(self.gemm_flops, key=self.gemm_flops.get)
-        return GEMM_FLOPS / timed(self.gemms[best], repeats, warmup=0)[0]
+        return GEMM_FLOPS / timed(self.fastest_gemm, repeats, warmup=0)[0]
 
     def describe(self) -> str:
         def listed(rates: dict[str, float], digits: int) -> str:  # the fastest, then every rate in units of 1e9
@@ -121,7 +120,7 @@ def measure_machine(gib: float = 1.0) -> MachineLimits:
         x, w = jnp.ones((1, n // 4096), jnp.float32), jbig.reshape(-1, 4096)
         reads["nvila_jax rows kernel, 1 row"] = timed(lambda: stream(x, w).block_until_ready(), repeats=5)[0]
     return MachineLimits({name: GEMM_FLOPS / t for name, t in times.items()},
-                         {name: 4.0 * n / t for name, t in reads.items()}, gemms)
+                         {name: 4.0 * n / t for name, t in reads.items()}, gemms[min(times, key=times.get)])
 
 
 @dataclasses.dataclass(frozen=True)

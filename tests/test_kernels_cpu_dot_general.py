@@ -1,6 +1,7 @@
 """CpuDotGeneral, inference's dot_general on a CPU: each float32 product reaches the kernel for its number of
 rows (rows_matmul up to 16, or 8 for the tied LM head's [N, K] table; blas_matmul beyond) and equals XLA's
-dot; dense layers, the LM head, the vision tower and projector; XLA where no kernel can run."""
+dot; dense layers, the LM head, the vision tower and projector, the LLM's SwiGLU MLP (swiglu_matmul beyond 16
+rows, same parameters); XLA where no kernel can run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from nvila_jax.kernels import blas_matmul as bm
 from nvila_jax.kernels import rows_matmul as rm
+from nvila_jax.kernels import swiglu_matmul as sm
 from nvila_jax.kernels.cpu_dot_general import CpuDotGeneral
 
 needs_kernels = pytest.mark.skipif(not (rm.available() and bm.available()),
@@ -109,3 +111,74 @@ def test_without_the_kernels_everything_goes_to_xla(monkeypatch):
                                       np.asarray(_dense_layers(None).apply(params, x)))
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)  # other dtypes never reach a kernel either
     assert _dense_layers(CpuDotGeneral).apply(bf16, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def _qwen2_layers():
+    from nvila_jax.config import Qwen2Config
+
+    return Qwen2Config(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=10)
+
+
+def _scale_mlp(params, factor: float):
+    """params with the MLP's kernels (gate, up, down) multiplied by factor."""
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a * factor if any(getattr(k, "key", None) in mlp for k in path) else a, params)
+
+
+def _qwen2_forward(cfg, dot_general_cls, params, rows):
+    from nvila_jax.models.qwen2 import Qwen2LM
+
+    module = Qwen2LM(cfg, scan_layers=False, dot_general_cls=dot_general_cls)
+    embeds = jnp.asarray(np.random.RandomState(rows).randn(1, rows, cfg.hidden_size).astype(np.float32))
+    positions, segments = jnp.arange(rows)[None], jnp.ones((1, rows), jnp.int32)
+    return module.apply(params, embeds, positions, segments, None)[0]
+
+
+@needs_kernels
+@pytest.mark.skipif(not sm.available(), reason="needs a CPU with AVX-512 and a C++ compiler")
+@pytest.mark.parametrize("rows", [5, 16, 17, 60])
+def test_the_llm_mlp_takes_the_fused_swiglu_kernel_beyond_a_decode_step(rows, monkeypatch):
+    """Qwen2's gate/up products and activation: one fused call for more than 16 rows, two weight-streaming
+    products up to 16, the same result as XLA either way; the parameters (names, shapes, initial values) do
+    not depend on the dot_general_cls."""
+    from nvila_jax.models.qwen2 import Qwen2LM
+
+    cfg = _qwen2_layers()
+    embeds = jnp.zeros((1, rows, cfg.hidden_size))
+    init = [Qwen2LM(cfg, scan_layers=False, dot_general_cls=cls).init(
+        jax.random.key(0), embeds, jnp.arange(rows)[None], jnp.ones((1, rows), jnp.int32), None)
+        for cls in (None, CpuDotGeneral)]
+    # same tree, logical axes included (the boxes' static metadata), and same values
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), *init)
+    init = [nn.meta.unbox(p) for p in init]
+    assert init[0]["params"]["layers_0"]["gate_proj"]["kernel"].shape == (40, 72)
+    # the MLP's weights 10x their initial scale, so that its share of the output is far above the tolerance
+    # (attention's are left alone: larger logits would amplify any rounding difference through the softmax)
+    params = _scale_mlp(init[0], 10.0)
+    want = _qwen2_forward(cfg, None, params, rows)
+    fused = []
+    real = sm.swiglu_matmul
+    monkeypatch.setattr(sm, "swiglu_matmul", lambda x, wg, wu: fused.append(x.shape) or real(x, wg, wu))
+    calls = _record_calls(monkeypatch)
+    got, want = np.asarray(_qwen2_forward(cfg, CpuDotGeneral, params, rows)), np.asarray(want)
+    assert np.abs(want - np.asarray(_qwen2_forward(cfg, None, _scale_mlp(params, 0.0), rows))).max() > 1.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())  # float32 rounding
+    if rows > 16:
+        assert fused == [(rows, 40)] * 2  # per layer
+        assert calls.count(("blas_matmul", (rows, 40), False)) == 2 * 4  # q, k, v, o per layer; no gate, up
+    else:
+        assert fused == [] and calls.count(("rows_matmul", (rows, 40), False)) == 2 * 6  # q, k, v, o, gate, up
+
+
+def test_without_the_swiglu_kernel_the_mlp_takes_two_products(monkeypatch):
+    monkeypatch.setattr(sm, "available", lambda: False)
+    monkeypatch.setattr(sm, "swiglu_matmul", lambda *a: pytest.fail("the kernel was called"))
+    cfg = _qwen2_layers()
+    from nvila_jax.models.qwen2 import Qwen2LM
+
+    params = nn.meta.unbox(Qwen2LM(cfg, scan_layers=False).init(
+        jax.random.key(1), jnp.zeros((1, 30, 40)), jnp.arange(30)[None], jnp.ones((1, 30), jnp.int32), None))
+    np.testing.assert_allclose(np.asarray(_qwen2_forward(cfg, CpuDotGeneral, params, 30)),
+                               np.asarray(_qwen2_forward(cfg, None, params, 30)), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 """The flax `dot_general_cls` of inference on a CPU: each float32 product goes to the kernel made for its
 number of rows, `rows_matmul` (1-16 rows: a decode step, weight-streaming) or `blas_matmul` (more: prefill,
-the vision encoder, OpenBLAS's GEMM), and to `lax.dot_general` where neither can run or applies."""
+the vision encoder, OpenBLAS's GEMM), and to `lax.dot_general` where neither can run or applies. A SwiGLU
+MLP's gate and up products of more rows go with their activation to `swiglu_matmul` (`CpuDotGeneral.swiglu`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from nvila_jax.kernels import blas_matmul, rows_matmul
+from flax.linen.dtypes import promote_dtype
+
+from nvila_jax.kernels import blas_matmul, rows_matmul, swiglu_matmul
 
 
 def _kernel_for(rows: int, transposed: bool) -> Callable | None:
@@ -43,3 +46,16 @@ class CpuDotGeneral:
         k = math.prod(lhs.shape[free:])
         out = matmul(lhs.reshape(rows, k), rhs if transposed else rhs.reshape(k, -1), transposed)
         return out.reshape(lhs.shape[:free] + (rhs.shape[:1] if transposed else rhs.shape[len(rhs_contract):]))
+
+    @classmethod
+    def swiglu(cls, x: jax.Array, wg: jax.Array, wu: jax.Array, dtype) -> jax.Array:
+        """silu(x @ wg) * (x @ wu) for x [..., K] and wg, wu [K, F] (a SwiGLU MLP's gate and up kernels), in
+        `dtype` as flax's dense layers compute. Float32 products of more rows than a decode step's go to the
+        fused kernel (the two products are never written out); the rest are two products through this class."""
+        x, wg, wu = promote_dtype(x, wg, wu, dtype=dtype)
+        rows = math.prod(x.shape[:-1])
+        if x.dtype == jnp.float32 and rows > rows_matmul.MAX_ROWS and swiglu_matmul.available():
+            out = swiglu_matmul.swiglu_matmul(x.reshape(rows, x.shape[-1]), wg, wu)
+            return out.reshape(x.shape[:-1] + wg.shape[1:])
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        return jax.nn.silu(cls()(x, wg, dims)) * cls()(x, wu, dims)

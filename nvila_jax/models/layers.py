@@ -41,6 +41,19 @@ def _dense_axes(init: Callable, axes: tuple[str | None, ...]) -> Callable:
     return lambda *args, **kwargs: _DenseAxes(init(*args, **kwargs), axes)
 
 
+class DenseKernel(nn.Module):
+    """The kernel alone of a bias-free 2-D `dense` layer (same parameter name, initializer and logical axes),
+    for callers that multiply it themselves, e.g. a fused kernel taking two layers' weights at once."""
+
+    shape: tuple[int, int]
+    axes: tuple[str | None, str | None]
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("kernel", _dense_axes(KERNEL_INIT, self.axes), self.shape, self.param_dtype)
+
+
 def dense(
     features: int | Sequence[int],
     axes: tuple[str | None, ...],

@@ -15,8 +15,8 @@ import numpy as np
 
 from nvila_jax.config import Qwen2Config
 from nvila_jax.kernels.backend import platform
-from nvila_jax.models.layers import (KERNEL_INIT, AttentionMask, Dtype, RMSNorm, dense, dot_product_attention,
-                                     rematerialised, stack_layers, swap_length_and_heads)
+from nvila_jax.models.layers import (KERNEL_INIT, AttentionMask, DenseKernel, Dtype, RMSNorm, dense,
+                                     dot_product_attention, rematerialised, stack_layers, swap_length_and_heads)
 
 
 @flax.struct.dataclass
@@ -131,9 +131,16 @@ class Qwen2DecoderLayer(nn.Module):
         o = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj", **big)
         x = x + o(attn)
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        gate = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj", **big)(h)
-        up = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **big)(h)
-        act = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        fused_swiglu = getattr(self.dot_general_cls, "swiglu", None)  # gate, up and activation in one call
+        if fused_swiglu is None:
+            gate = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="gate_proj", **big)(h)
+            up = dense(c.intermediate_size, ("embed", "mlp"), use_bias=False, name="up_proj", **big)(h)
+            act = jax.nn.silu(gate) * up
+        else:
+            wg, wu = (DenseKernel((c.hidden_size, c.intermediate_size), ("embed", "mlp"), self.param_dtype,
+                                  name=name)() for name in ("gate_proj", "up_proj"))
+            act = fused_swiglu(h, wg, wu, self.dtype)
+        act = nn.with_logical_constraint(act, ("batch", "length", "mlp"))
         x = x + dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **big)(act)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), layer_cache
 

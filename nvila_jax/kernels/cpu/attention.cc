@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vector_exp.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -30,24 +31,6 @@ constexpr int64_t kKeyGroup = 64;   // keys per logits micro-kernel column group
 constexpr int64_t kKeyBlock = 128;  // keys per block (a multiple of kKeyGroup)
 constexpr int64_t kItemRows = 384;  // query rows (positions x heads of a group) per work item, about
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// exp(x) for float32 vectors, x <= 0 (Cephes-style: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for
-// e^r, then scaled by 2^n); ~1 ulp, underflows to 0 below -87.3.
-__attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 // s[r][0:nk_pad] = q_r . kt[:, 0:nk_pad] for R rows; kt is the key block transposed, [d][kKeyBlock].
 template <int R>
@@ -145,7 +128,7 @@ __attribute__((target("avx512f"))) float SoftmaxRow(float* s, int64_t nk_pad, co
   const __m512 m = _mm512_set1_ps(new_max), sc = _mm512_set1_ps(scale);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t n = 0; n < nk_pad; n += 16) {
-    __m512 p = Exp(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + n), m), sc));
+    __m512 p = nvila::ExpNonPositive(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + n), m), sc));
     if (visible) p = _mm512_maskz_mov_ps(visible[n / 16], p);
     _mm512_storeu_ps(s + n, p);
     sum = _mm512_add_ps(sum, p);

@@ -82,7 +82,6 @@ def test_vision_tower_and_projector_through_the_kernels_equal_xla(monkeypatch):
     """NVILA's vision_dot_general_cls reaches the linears of the encoder layers (q/k/v/fc1 take the hidden
     size, out the heads, fc2 the MLP width) and of the projector (after its 2x2 STC)."""
     from nvila_jax.models.nvila import NVILA
-    from nvila_jax.models.projector import projector_layout
     from nvila_jax.variants import tiny
 
     cfg = tiny()

@@ -49,7 +49,7 @@ def test_equals_a_float64_product(m, k, f):
 @needs_kernel
 def test_extreme_gates():
     """Gates from -200 to 200: the sigmoid neither overflows nor loses the sign (silu(g) -> 0 below, g above)."""
-    k, f = 2, 48
+    f = 48
     x = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     wg = np.stack([np.linspace(-200, 200, f), np.zeros(f)]).astype(np.float32)
     wu = np.stack([np.ones(f), np.linspace(-3, 3, f)]).astype(np.float32)

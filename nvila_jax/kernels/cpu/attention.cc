@@ -32,34 +32,46 @@ constexpr int64_t kKeyBlock = 128;  // keys per block (a multiple of kKeyGroup)
 constexpr int64_t kItemRows = 384;  // query rows (positions x heads of a group) per work item, about
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// s[r][0:nk_pad] = q_r . kt[:, 0:nk_pad] for R rows; kt is the key block transposed, [d][kKeyBlock].
+// s[r][0:16 V] = q_r . kt[:, 0:16 V] for R rows and V vectors of keys; kt is a part of the key block
+// transposed ([d][kKeyBlock]), s has rows of lds logits.
+template <int R, int V>
+__attribute__((target("avx512f"))) void LogitsGroup(const float* const* q, const float* kt, int64_t d, float* s,
+                                                    int64_t lds) {
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) acc[r][i] = _mm512_setzero_ps();
+  const float* kp = kt;
+  for (int64_t e = 0; e < d; ++e, kp += kKeyBlock) {
+    __m512 k[V];
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) k[i] = _mm512_loadu_ps(kp + 16 * i);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 qb = _mm512_set1_ps(q[r][e]);
+#pragma GCC unroll 8
+      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_fmadd_ps(qb, k[i], acc[r][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) _mm512_storeu_ps(s + r * lds + 16 * i, acc[r][i]);
+}
+
+// s[r][0:nk_pad] = q_r . kt[:, 0:nk_pad] for R rows (nk_pad a multiple of 16): groups of kKeyGroup keys, then
+// the 1-3 vectors left.
 template <int R>
 __attribute__((target("avx512f"))) void Logits(const float* const* q, const float* kt, int64_t nk_pad, int64_t d,
                                                float* s) {
-  constexpr int64_t ldk = kKeyBlock;
-  for (int64_t n = 0; n < nk_pad; n += kKeyGroup) {
-    __m512 acc[R][4];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
-    const float* kp = kt + n;
-    for (int64_t e = 0; e < d; ++e, kp += ldk) {
-      const __m512 k0 = _mm512_loadu_ps(kp), k1 = _mm512_loadu_ps(kp + 16), k2 = _mm512_loadu_ps(kp + 32),
-                   k3 = _mm512_loadu_ps(kp + 48);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const __m512 qb = _mm512_set1_ps(q[r][e]);
-        acc[r][0] = _mm512_fmadd_ps(qb, k0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(qb, k1, acc[r][1]);
-        acc[r][2] = _mm512_fmadd_ps(qb, k2, acc[r][2]);
-        acc[r][3] = _mm512_fmadd_ps(qb, k3, acc[r][3]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(s + r * nk_pad + n + 16 * i, acc[r][i]);
+  int64_t n = 0;
+  for (; n + kKeyGroup <= nk_pad; n += kKeyGroup) LogitsGroup<R, kKeyGroup / 16>(q, kt + n, d, s + n, nk_pad);
+  switch ((nk_pad - n) / 16) {
+    case 1: LogitsGroup<R, 1>(q, kt + n, d, s + n, nk_pad); break;
+    case 2: LogitsGroup<R, 2>(q, kt + n, d, s + n, nk_pad); break;
+    case 3: LogitsGroup<R, 3>(q, kt + n, d, s + n, nk_pad); break;
+    default: break;
   }
 }
 
@@ -124,11 +136,12 @@ __attribute__((target("avx512f"))) float SoftmaxRow(float* s, int64_t nk_pad, co
     return 1.0f;
   }
   const float new_max = std::max(run_max, block_max);
-  const float corr = run_max == kNegInf ? 0.0f : std::exp((run_max - new_max) * scale);
-  const __m512 m = _mm512_set1_ps(new_max), sc = _mm512_set1_ps(scale);
+  // exp((run_max - new_max) * scale), 1 when the maximum stays (most blocks after the first few)
+  const float corr = run_max == kNegInf ? 0.0f : run_max == new_max ? 1.0f : std::exp((run_max - new_max) * scale);
+  const __m512 m = _mm512_set1_ps(new_max * scale), sc = _mm512_set1_ps(scale);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t n = 0; n < nk_pad; n += 16) {
-    __m512 p = nvila::ExpNonPositive(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + n), m), sc));
+    __m512 p = nvila::ExpNonPositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + n), sc, m));
     if (visible) p = _mm512_maskz_mov_ps(visible[n / 16], p);
     _mm512_storeu_ps(s + n, p);
     sum = _mm512_add_ps(sum, p);
@@ -164,6 +177,24 @@ Visibility Classify(const Range& q, const Range& kv, bool whole_block, bool caus
   if (whole_block && q.all_valid && kv.all_valid && one_segment && (!causal || kv.slot_max <= q.slot_min))
     return Visibility::kAll;
   return Visibility::kSome;
+}
+
+struct KeyBlock {
+  const int32_t* seg;   // segments of the block's keys, 0 past the last key
+  const int32_t* slot;  // their slots
+};
+
+// Under a causal mask, the keys of a block that a chunk of queries can see end at the last key with a
+// non-zero segment and a slot not after the chunk's last query: only that many keys (a diagonal block's
+// first part) are computed. nk_pad: the block's keys rounded up to 16.
+__attribute__((target("avx512f"))) int64_t CausalWidth(const KeyBlock& keys, const Range& chunk, int64_t nk_pad) {
+  const __m512i last_slot = _mm512_set1_epi32(chunk.slot_max);
+  for (int64_t n = nk_pad - 16; n >= 0; n -= 16) {
+    const __mmask16 seen = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(keys.seg + n), _mm512_setzero_si512()) &
+                           _mm512_cmple_epi32_mask(_mm512_loadu_si512(keys.slot + n), last_slot);
+    if (seen) return n + 32 - __builtin_clz(static_cast<uint32_t>(seen));
+  }
+  return 0;
 }
 
 // The two halves of 64-bit pairs interleaved: steps of the 16 x 16 transpose below.
@@ -257,7 +288,7 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
   s.resize(kChunk * kKeyBlock), corr.resize(kChunk), key_seg.resize(kKeyBlock), key_slot.resize(kKeyBlock);
   visible.resize(kChunk * kKeyBlock / 16);
   for (int64_t k0 = 0; k0 < P.s; k0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, P.s - k0), nk_pad = (nk + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
+    const int64_t nk = std::min(kKeyBlock, P.s - k0), nk_pad = (nk + 15) / 16 * 16;
     Range keys;
     for (int64_t j = 0; j < nk_pad; ++j) {  // padding keys: segment 0, never visible
       key_seg[j] = j < nk ? P.kv_seg[ib * P.s + k0 + j] : 0;
@@ -273,26 +304,31 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
       kt = block_kt.data();
     }
     const float* v0 = P.v + ((ib * P.kvh + ih) * P.s + k0) * d;
+    const KeyBlock keys_in_block{key_seg.data(), key_slot.data()};
     for (int64_t c = 0; c < padded_rows / kChunk; ++c) {
       const Visibility vis = Classify(chunk_range[c], keys, nk == nk_pad, P.causal);
       if (vis == Visibility::kNone) continue;
+      const int64_t width = vis == Visibility::kSome && P.causal ? CausalWidth(keys_in_block, chunk_range[c], nk_pad) : nk;
+      if (width == 0) continue;
+      const int64_t width_pad = (width + 15) / 16 * 16;  // row length of the chunk's logits
       const int64_t r0 = c * kChunk;
-      for (int64_t r = 0; r < kChunk; r += kQKRows) Logits<kQKRows>(&q_row[r0 + r], kt, nk_pad, d, &s[r * nk_pad]);
+      for (int64_t r = 0; r < kChunk; r += kQKRows) Logits<kQKRows>(&q_row[r0 + r], kt, width_pad, d, &s[r * width_pad]);
       if (vis == Visibility::kSome) {
         for (int64_t r = 0; r < kChunk; ++r) {
           const __m512i qs = _mm512_set1_epi32(row_seg[r0 + r]), ql = _mm512_set1_epi32(row_slot[r0 + r]);
-          for (int64_t n = 0; n < nk_pad; n += 16) {
+          for (int64_t n = 0; n < width_pad; n += 16) {
             const __m512i ks = _mm512_loadu_si512(&key_seg[n]), kl = _mm512_loadu_si512(&key_slot[n]);
             __mmask16 m = _mm512_cmpeq_epi32_mask(ks, qs) & _mm512_cmpgt_epi32_mask(ks, _mm512_setzero_si512());
             if (P.causal) m &= _mm512_cmple_epi32_mask(kl, ql);
-            visible[r * (nk_pad / 16) + n / 16] = m;
+            visible[r * (width_pad / 16) + n / 16] = m;
           }
         }
       }
       for (int64_t r = 0; r < kChunk; ++r)
-        corr[r] = SoftmaxRow(&s[r * nk_pad], nk_pad, vis == Visibility::kSome ? &visible[r * (nk_pad / 16)] : nullptr,
-                             P.scale, run_max[r0 + r], denom[r0 + r]);
-      kChunkPV[nv - 1](s.data(), nk_pad, v0, nk, corr.data(), &o[r0 * d], d);
+        corr[r] = SoftmaxRow(&s[r * width_pad], width_pad,
+                             vis == Visibility::kSome ? &visible[r * (width_pad / 16)] : nullptr, P.scale,
+                             run_max[r0 + r], denom[r0 + r]);
+      kChunkPV[nv - 1](s.data(), width_pad, v0, width, corr.data(), &o[r0 * d], d);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

@@ -10,7 +10,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-
 from flax.linen.dtypes import promote_dtype
 
 from nvila_jax.kernels import blas_matmul, rows_matmul, swiglu_matmul

@@ -44,13 +44,18 @@ def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[
     return min(times), statistics.median(times)
 
 
+def decode_step_seconds(generate: Callable[[int], object], new: int) -> float:
+    """Seconds per decode step of `generate(n)` (generates n tokens per row), one measurement: the time of
+    `new` tokens minus the time of one (the prefill), over new - 1 steps. Nothing is warmed up: call
+    generate(new) and generate(1) once before."""
+    full, _ = timed(lambda: generate(new), 1, warmup=0)
+    first, _ = timed(lambda: generate(1), 1, warmup=0)
+    return (full - first) / (new - 1)
+
+
 def decode_steps_per_s(generate: Callable[[int], object], new: int, repeats: int) -> float:
-    """Decode steps per second of `generate(n)` (generates n tokens per row): the time of `new` tokens minus the
-    time of one (the prefill), over new - 1 steps. The first timing is not warmed up: call generate(new) once
-    before (e.g. to compare outputs)."""
-    full, _ = timed(lambda: generate(new), repeats, warmup=0)
-    first, _ = timed(lambda: generate(1), repeats)
-    return (new - 1) / (full - first)
+    """Decode steps per second of `generate(n)`: the fastest of `repeats` measurements (decode_step_seconds)."""
+    return 1.0 / min(decode_step_seconds(generate, new) for _ in range(repeats))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,8 @@ class MachineLimits:
     gemm_flops: dict[str, float]  # float32 GEMM rate of each library in the process, FLOP/s
     read_rates: dict[str, float]  # rate of reading a 1 GiB float32 array once, by each method, bytes/s
     fastest_gemm: Callable[[], object] = dataclasses.field(repr=False, compare=False)  # its GEMM_FLOPS, again
+    fastest_read: Callable[[], object] = dataclasses.field(repr=False, compare=False)  # its read_bytes, again
+    read_bytes: float  # what fastest_read reads
 
     @property
     def matmul_flops(self) -> float:
@@ -74,6 +81,11 @@ class MachineLimits:
         shared VM whose speed drifts by 10-15% over minutes (359-410 GFLOP/s in three runs of one evening),
         more than the margins measured against it."""
         return GEMM_FLOPS / timed(self.fastest_gemm, repeats, warmup=0)[0]
+
+    def bandwidth_now(self, repeats: int = 2) -> float:
+        """The fastest method's read rate measured again now (best of `repeats`, no warm-up), bytes/s: the
+        memory system is shared with the VM's neighbours (22-31 GB/s measured on different days)."""
+        return self.read_bytes / timed(self.fastest_read, repeats, warmup=0)[0]
 
     def describe(self) -> str:
         def listed(rates: dict[str, float], digits: int) -> str:  # the fastest, then every rate in units of 1e9
@@ -111,21 +123,22 @@ def measure_machine(gib: float = 1.0) -> MachineLimits:
     big = rng.standard_normal(n, dtype=np.float32)
     tbig, jbig = torch.from_numpy(big), jnp.asarray(big)
     total = jax.jit(jnp.sum)
-    r_torch, _ = timed(lambda: tbig.sum(), repeats=5)
-    r_jax, _ = timed(lambda: total(jbig).block_until_ready(), repeats=5)
-    r_numpy, _ = timed(lambda: big.sum(), repeats=3)
-    reads = {"torch sum": r_torch, "XLA sum": r_jax, "numpy sum": r_numpy}
+    readers = {"torch sum": lambda: tbig.sum(), "XLA sum": lambda: total(jbig).block_until_ready(),
+               "numpy sum": lambda: big.sum()}
     if rows_matmul.available():  # the decode kernel streaming the array as a [K, 4096] weight for one row
         stream = jax.jit(rows_matmul.rows_matmul)
         x, w = jnp.ones((1, n // 4096), jnp.float32), jbig.reshape(-1, 4096)
-        reads["nvila_jax rows kernel, 1 row"] = timed(lambda: stream(x, w).block_until_ready(), repeats=5)[0]
+        readers["nvila_jax rows kernel, 1 row"] = lambda: stream(x, w).block_until_ready()
+    reads = {name: timed(read, repeats=5)[0] for name, read in readers.items()}
     return MachineLimits({name: GEMM_FLOPS / t for name, t in times.items()},
-                         {name: 4.0 * n / t for name, t in reads.items()}, gemms[min(times, key=times.get)])
+                         {name: 4.0 * n / t for name, t in reads.items()}, gemms[min(times, key=times.get)],
+                         readers[min(reads, key=reads.get)], 4.0 * n)
 
 
 @dataclasses.dataclass(frozen=True)
 class Runs:
-    """Wall seconds of each timed run of one workload, and the GEMM peak measured just before each run."""
+    """Wall seconds of each timed run of one workload (or of one decode step), and the machine's limit (GEMM
+    peak, FLOP/s, or read bandwidth, bytes/s) measured just before each run."""
 
     seconds: list[float]
     peaks: list[float]
@@ -139,26 +152,42 @@ class Runs:
         return statistics.median(self.seconds)
 
     def peak_range(self) -> str:
-        """The peaks measured beside the runs, GFLOP/s."""
+        """The limits measured beside the runs, in units of 1e9 (GFLOP/s or GB/s)."""
         return f"{min(self.peaks) / 1e9:.0f}-{max(self.peaks) / 1e9:.0f}"
 
-    def of_peak(self, flops: float) -> str:
-        """"best / median" over the runs of flops / seconds / the peak measured beside that run."""
-        ratios = [flops / t / p for t, p in zip(self.seconds, self.peaks)]
+    def of_peak(self, work: float) -> str:
+        """"best / median" over the runs of work / seconds / the limit measured beside that run (work: FLOPs, or
+        bytes read)."""
+        ratios = [work / t / p for t, p in zip(self.seconds, self.peaks)]
         return f"{max(ratios):.0%} / {statistics.median(ratios):.0%}"
 
 
-def timed_beside_peak(fns: dict[str, Callable[[], object]], limits: MachineLimits, repeats: int) -> dict[str, Runs]:
-    """Each fn() timed `repeats` times, the workloads taking turns, each run right after a fresh measurement of
-    the GEMM peak (limits.peak_now): a run's fraction of the peak then compares two things measured under the
-    same load from the host's neighbours, and both frameworks see the same periods. Warm the fns up first."""
-    seconds: dict[str, list[float]] = {name: [] for name in fns}
-    peaks: dict[str, list[float]] = {name: [] for name in fns}
+def _runs_beside(limit_now: Callable[[], float], measures: dict[str, Callable[[], float]],
+                 repeats: int) -> dict[str, Runs]:
+    """Each measure() (seconds) taken `repeats` times, the workloads taking turns, each right after a fresh
+    measurement of the machine's limit: a run's fraction of the limit then compares two things measured under
+    the same load from the host's neighbours, and both frameworks see the same periods."""
+    seconds: dict[str, list[float]] = {name: [] for name in measures}
+    limits: dict[str, list[float]] = {name: [] for name in measures}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            peaks[name].append(limits.peak_now())
-            seconds[name].append(timed(fn, 1, warmup=0)[0])
-    return {name: Runs(seconds[name], peaks[name]) for name in fns}
+        for name, measure in measures.items():
+            limits[name].append(limit_now())
+            seconds[name].append(measure())
+    return {name: Runs(seconds[name], limits[name]) for name in measures}
+
+
+def timed_beside_peak(fns: dict[str, Callable[[], object]], limits: MachineLimits, repeats: int) -> dict[str, Runs]:
+    """Each fn() timed `repeats` times beside the GEMM peak (limits.peak_now). Warm the fns up first."""
+    return _runs_beside(limits.peak_now, {name: (lambda fn=fn: timed(fn, 1, warmup=0)[0]) for name, fn in fns.items()},
+                        repeats)
+
+
+def decode_beside_bandwidth(generates: dict[str, Callable[[int], object]], limits: MachineLimits, new: int,
+                            repeats: int) -> dict[str, Runs]:
+    """Seconds per decode step of each generate(n) (decode_step_seconds), measured `repeats` times beside the
+    read bandwidth (limits.bandwidth_now). Warm up generate(new) and generate(1) first."""
+    return _runs_beside(limits.bandwidth_now,
+                        {name: (lambda g=g: decode_step_seconds(g, new)) for name, g in generates.items()}, repeats)
 
 
 def bench_config(vision_layers: int = 27, llm_layers: int = 24, tiling: str = "dynamic_s2") -> NVILAConfig:

@@ -123,9 +123,10 @@ def main() -> None:
             return out[:, args.prompt:].tolist()
 
         a, b = run_jax(args.new), run_torch(args.new)
+        run_jax(1), run_torch(1)  # both lengths warmed up before decode_steps_per_s times them
         agree = float(np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra[:4], rb[:4])]))
         for name, run in (("nvila_jax", run_jax), ("HF generate (PyTorch)", run_torch)):
-            steps_per_s = common.decode_steps_per_s(run, args.new, args.repeats)  # warmed up by the comparison
+            steps_per_s = common.decode_steps_per_s(run, args.new, args.repeats)
             rows.append((str(batch), name, f"{batch * steps_per_s:.0f}", f"{1e3 / steps_per_s:.2f}",
                          f"{weight_bytes * steps_per_s / 1e9:.0f}", f"{weight_bytes * steps_per_s / bandwidth:.0%}"))
         print(f"batch {batch}: first 4 greedy tokens agree on {agree:.0%} (bf16 rounding differs); speed-up over "

@@ -1,6 +1,6 @@
 """The fused SwiGLU product for many rows (prefill's gate, up and activation): silu(x @ wg) * (x @ wu) against
 float64 within float32 rounding, across row tiles and their tails, contraction blocks (partial sums kept between
-blocks), column panels and work items with their tails, extreme gate values; clear errors."""
+blocks), column panels and work items with their tails, extreme gate values, empty shapes; clear errors."""
 
 from __future__ import annotations
 
@@ -59,9 +59,12 @@ def test_extreme_gates():
 
 
 @needs_kernel
-def test_an_empty_contraction_gives_zeros():
+def test_empty_shapes():
+    """An empty contraction gives silu(0) * 0 = 0; no rows or no columns give empty results."""
     got = jax.jit(sm.swiglu_matmul)(jnp.ones((20, 0)), jnp.ones((0, 7)), jnp.ones((0, 7)))
     np.testing.assert_array_equal(np.asarray(got), np.zeros((20, 7), np.float32))
+    assert jax.jit(sm.swiglu_matmul)(jnp.ones((0, 8)), jnp.ones((8, 5)), jnp.ones((8, 5))).shape == (0, 5)
+    assert jax.jit(sm.swiglu_matmul)(jnp.ones((3, 8)), jnp.ones((8, 0)), jnp.ones((8, 0))).shape == (3, 0)
 
 
 def test_rejects_other_shapes():

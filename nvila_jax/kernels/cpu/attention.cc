@@ -274,6 +274,7 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
   thread_local std::vector<__mmask16> visible;
   thread_local std::vector<float> block_kt;
   thread_local std::vector<Range> chunk_range;
+  thread_local std::vector<int64_t> chunk_width;
   q_row.resize(padded_rows), row_seg.resize(padded_rows), row_slot.resize(padded_rows);
   for (int64_t r = 0; r < padded_rows; ++r) {
     const int64_t rr = std::min(r, rows - 1), pos = p0 + rr / g, head = ih * g + rr % g;
@@ -284,9 +285,10 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
   chunk_range.assign(padded_rows / kChunk, Range());
   for (int64_t r = 0; r < padded_rows; ++r) chunk_range[r / kChunk].Add(row_seg[r], row_slot[r]);
 
+  const int64_t chunks = padded_rows / kChunk;
   o.assign(padded_rows * d, 0.0f), run_max.assign(padded_rows, kNegInf), denom.assign(padded_rows, 0.0f);
-  s.resize(kChunk * kKeyBlock), corr.resize(kChunk), key_seg.resize(kKeyBlock), key_slot.resize(kKeyBlock);
-  visible.resize(kChunk * kKeyBlock / 16);
+  s.resize(padded_rows * kKeyBlock), corr.resize(padded_rows), key_seg.resize(kKeyBlock), key_slot.resize(kKeyBlock);
+  visible.resize(kChunk * kKeyBlock / 16), chunk_width.resize(chunks);
   for (int64_t k0 = 0; k0 < P.s; k0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, P.s - k0), nk_pad = (nk + 15) / 16 * 16;
     Range keys;
@@ -303,16 +305,20 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
       PackKeys(P.k + ((ib * P.kvh + ih) * P.s + k0) * d, nk, d, block_kt.data());
       kt = block_kt.data();
     }
-    const float* v0 = P.v + ((ib * P.kvh + ih) * P.s + k0) * d;
     const KeyBlock keys_in_block{key_seg.data(), key_slot.data()};
-    for (int64_t c = 0; c < padded_rows / kChunk; ++c) {
+    // First every chunk's logits and softmax update against the block's keys (kept in L1 meanwhile), then
+    // every chunk's P V against its values.
+    for (int64_t c = 0; c < chunks; ++c) {
+      chunk_width[c] = 0;
       const Visibility vis = Classify(chunk_range[c], keys, nk == nk_pad, P.causal);
       if (vis == Visibility::kNone) continue;
       const int64_t width = vis == Visibility::kSome && P.causal ? CausalWidth(keys_in_block, chunk_range[c], nk_pad) : nk;
       if (width == 0) continue;
+      chunk_width[c] = width;
       const int64_t width_pad = (width + 15) / 16 * 16;  // row length of the chunk's logits
       const int64_t r0 = c * kChunk;
-      for (int64_t r = 0; r < kChunk; r += kQKRows) Logits<kQKRows>(&q_row[r0 + r], kt, width_pad, d, &s[r * width_pad]);
+      float* sc = &s[r0 * kKeyBlock];
+      for (int64_t r = 0; r < kChunk; r += kQKRows) Logits<kQKRows>(&q_row[r0 + r], kt, width_pad, d, &sc[r * width_pad]);
       if (vis == Visibility::kSome) {
         for (int64_t r = 0; r < kChunk; ++r) {
           const __m512i qs = _mm512_set1_epi32(row_seg[r0 + r]), ql = _mm512_set1_epi32(row_slot[r0 + r]);
@@ -325,10 +331,14 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
         }
       }
       for (int64_t r = 0; r < kChunk; ++r)
-        corr[r] = SoftmaxRow(&s[r * width_pad], width_pad,
-                             vis == Visibility::kSome ? &visible[r * (width_pad / 16)] : nullptr, P.scale,
-                             run_max[r0 + r], denom[r0 + r]);
-      kChunkPV[nv - 1](s.data(), width_pad, v0, width, corr.data(), &o[r0 * d], d);
+        corr[r0 + r] = SoftmaxRow(&sc[r * width_pad], width_pad,
+                                  vis == Visibility::kSome ? &visible[r * (width_pad / 16)] : nullptr, P.scale,
+                                  run_max[r0 + r], denom[r0 + r]);
+    }
+    const float* v0 = P.v + ((ib * P.kvh + ih) * P.s + k0) * d;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t width = chunk_width[c], r0 = c * kChunk;
+      if (width > 0) kChunkPV[nv - 1](&s[r0 * kKeyBlock], (width + 15) / 16 * 16, v0, width, &corr[r0], &o[r0 * d], d);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

@@ -92,13 +92,14 @@ constexpr std::array<TileFn, sizeof...(R)> TileTable(std::integer_sequence<int, 
 // [p][depth][kPanel], zeros past the last column.
 __attribute__((target("avx512f"))) void PackPanels(const float* wg, const float* wu, int64_t f, int64_t k0,
                                                    int64_t depth, int64_t c0, int64_t cols, float* panels) {
-  for (int64_t p = 0; p * kHalf < cols; ++p) {
-    const __mmask16 valid = FirstLanes(cols - p * kHalf);
-    const int64_t src = k0 * f + c0 + p * kHalf;
-    float* dst = panels + p * depth * kPanel;
-    for (int64_t k = 0; k < depth; ++k, dst += kPanel) {
-      _mm512_store_ps(dst, _mm512_maskz_loadu_ps(valid, wg + src + k * f));
-      _mm512_store_ps(dst + kHalf, _mm512_maskz_loadu_ps(valid, wu + src + k * f));
+  const int64_t count = (cols + kHalf - 1) / kHalf;
+  for (int64_t k = 0; k < depth; ++k) {  // row by row: each weight row's columns are read in one sequential run
+    const float *g = wg + (k0 + k) * f + c0, *u = wu + (k0 + k) * f + c0;
+    float* dst = panels + k * kPanel;
+    for (int64_t p = 0; p < count; ++p, dst += depth * kPanel) {
+      const __mmask16 valid = FirstLanes(cols - p * kHalf);
+      _mm512_store_ps(dst, _mm512_maskz_loadu_ps(valid, g + p * kHalf));
+      _mm512_store_ps(dst + kHalf, _mm512_maskz_loadu_ps(valid, u + p * kHalf));
     }
   }
 }

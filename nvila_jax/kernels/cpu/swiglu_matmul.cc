@@ -8,7 +8,7 @@
 // every 14-row tile of x is multiplied by every panel: 14 x 32 accumulators in registers, x broadcast from its
 // rows in place, the panel streamed from L2. Partial sums of a deeper contraction wait in a per-thread buffer.
 // Work items (block of rows, block of panels) are claimed by XLA's intra-op threads. (The same GEMM without the
-// activation runs plain products no faster than OpenBLAS here, so those stay with blas_matmul.)
+// activation runs plain products no faster than OpenBLAS inside a prefill, so those stay with blas_matmul.)
 #include <immintrin.h>
 
 #include <algorithm>

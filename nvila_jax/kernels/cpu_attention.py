@@ -1,9 +1,9 @@
 """Grouped-query attention forward on a CPU with a flash-style AVX-512 kernel (kernels/cpu/attention.cc).
 
 XLA's CPU attention (nvila_jax.models.layers.blocked_attention) runs each block's two products as separate
-GEMM calls and its online softmax as three passes over the logits; the kernel keeps a 12-row chunk's logits
-in L1 and each key/value block, packed once, in L2 for every query head of its group (BENCHMARKS.md,
-"Inference"). It computes the forward pass only; `models.layers.dot_product_attention` pairs it with the
+GEMM calls and its online softmax as three passes over the logits; the kernel computes 12-row chunks of
+queries against 128-key blocks with register-tiled micro-kernels, each block's keys (packed once) and values
+read from L1 by every query head of its group, and skips what a mask hides (docs/kernels.md). It computes the forward pass only; `models.layers.dot_product_attention` pairs it with the
 gradient of the XLA attention. Compiled on first use by `cpu_library`; `available()` is False (logged once)
 without a compiler, without AVX-512 or on another backend.
 """

@@ -1,7 +1,9 @@
 // Grouped-query attention forward (flash style, float32) for CPUs with AVX-512: the prefill and vision
 // attention of inference. XLA's CPU attention pays three passes over every logit block and a GEMM call per
-// small product; here a chunk of 12 query rows keeps its logits in L1 and the key/value block (keys
-// transposed once per call, shared by every query row and head of the group) stays in L2.
+// small product; here, per key block, every 12-row chunk of a work item's queries gets its logits and softmax
+// update while the block's keys (transposed once per call, shared by every query row and head of the group)
+// stay in L1, then its P V while the block's values do; under a causal mask a diagonal block is computed
+// only up to each chunk's last visible key.
 //
 // Semantics (those of nvila_jax.models.layers.AttentionMask): a query sees a key when both have the same
 // non-zero segment id and, if causal, the key's slot is not after the query's; a query that sees no key

@@ -68,7 +68,7 @@ def main() -> None:
         for name, r in runs.items():
             steps_per_s = 1.0 / r.best
             rows.append((str(batch), name, f"{batch * steps_per_s:.1f}", f"{steps_per_s:.2f}",
-                         f"{weight_bytes * steps_per_s / 1e9:.2f}", r.peak_range(), r.of_peak(weight_bytes)))
+                         f"{weight_bytes * steps_per_s / 1e9:.2f}", r.limit_range(), r.of_limit(weight_bytes)))
         speed_up = runs["HF generate (PyTorch)"].best / runs["nvila_jax"].best
         print(f"batch {batch}: greedy tokens identical in both frameworks: {same}; "
               f"speed-up over HF generate: {speed_up:.2f}x", flush=True)

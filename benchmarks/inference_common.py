@@ -141,7 +141,7 @@ class Runs:
     peak, FLOP/s, or read bandwidth, bytes/s) measured just before each run."""
 
     seconds: list[float]
-    peaks: list[float]
+    limits: list[float]
 
     @property
     def best(self) -> float:
@@ -151,14 +151,14 @@ class Runs:
     def median(self) -> float:
         return statistics.median(self.seconds)
 
-    def peak_range(self) -> str:
+    def limit_range(self) -> str:
         """The limits measured beside the runs, in units of 1e9 (GFLOP/s or GB/s)."""
-        return f"{min(self.peaks) / 1e9:.0f}-{max(self.peaks) / 1e9:.0f}"
+        return f"{min(self.limits) / 1e9:.0f}-{max(self.limits) / 1e9:.0f}"
 
-    def of_peak(self, work: float) -> str:
+    def of_limit(self, work: float) -> str:
         """"best / median" over the runs of work / seconds / the limit measured beside that run (work: FLOPs, or
         bytes read)."""
-        ratios = [work / t / p for t, p in zip(self.seconds, self.peaks)]
+        ratios = [work / t / limit for t, limit in zip(self.seconds, self.limits)]
         return f"{max(ratios):.0%} / {statistics.median(ratios):.0%}"
 
 

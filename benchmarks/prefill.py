@@ -65,7 +65,7 @@ def main() -> None:
     rows = []
     for (name, r), work in zip(runs.items(), (executed, flops)):
         rows.append((name, f"{r.best:.2f}", f"{r.median:.2f}", f"{work / 1e12:.3f}", f"{work / r.best / 1e9:.0f}",
-                     r.peak_range(), r.of_peak(work), r.of_peak(flops)))
+                     r.limit_range(), r.of_limit(work), r.of_limit(flops)))
     jax_best, torch_best = runs["nvila_jax"].best, runs["HF transformers (PyTorch)"].best
     print(f"\nprefill of {n} tokens, Qwen2.5-0.5B shape ({args.layers} layers), float32, "
           f"{flops / 1e12:.3f} TFLOP (nvila_jax executes {executed / 1e12:.3f}); last-position logits differ by {diff:.1e}")

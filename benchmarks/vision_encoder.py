@@ -59,8 +59,8 @@ def main() -> None:
     jax_work = vision_encoder_flops(cfg.vision, media.vit_tiles, cfg.num_vision_layers_used) + proj
     runs = common.timed_beside_peak({"nvila_jax": run_jax, "official code (PyTorch)": run_torch}, limits,
                                     args.repeats)  # both warmed up by the comparison
-    rows = [(name, f"{r.best:.2f}", f"{r.median:.2f}", f"{work / 1e12:.2f}", r.peak_range(), r.of_peak(work),
-             r.of_peak(reference_work))
+    rows = [(name, f"{r.best:.2f}", f"{r.median:.2f}", f"{work / 1e12:.2f}", r.limit_range(), r.of_limit(work),
+             r.of_limit(reference_work))
             for (name, r), work in zip(runs.items(), (jax_work, reference_work))]
     jax_best, torch_best = runs["nvila_jax"].best, runs["official code (PyTorch)"].best
     print(f"\nvision encoder + projector, {media.description}: {media.vit_tiles} tiles, SigLIP-So400m width with "

@@ -3,9 +3,10 @@
 XLA's CPU attention (nvila_jax.models.layers.blocked_attention) runs each block's two products as separate
 GEMM calls and its online softmax as three passes over the logits; the kernel computes 12-row chunks of
 queries against 128-key blocks with register-tiled micro-kernels, each block's keys (packed once) and values
-read from L1 by every query head of its group, and skips what a mask hides (docs/kernels.md). It computes the forward pass only; `models.layers.dot_product_attention` pairs it with the
-gradient of the XLA attention. Compiled on first use by `cpu_library`; `available()` is False (logged once)
-without a compiler, without AVX-512 or on another backend.
+read from L1 by every query head of its group, and skips what a mask hides (docs/kernels.md). It computes the
+forward pass only; `models.layers.dot_product_attention` pairs it with the gradient of the XLA attention.
+Compiled on first use by `cpu_library`; `available()` is False (logged once) without a compiler, without
+AVX-512 or on another backend.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ namespace {
 constexpr int64_t kChunk = 12;      // query rows whose logits are computed together (divisible by every kPV)
 constexpr int64_t kQKRows = 6;      // rows per logits micro-kernel: 6 x 4 accumulators
 constexpr int64_t kKeyGroup = 64;   // keys per logits micro-kernel column group (4 vectors)
-constexpr int64_t kKeyBlock = 128;  // keys per block (a multiple of kKeyGroup)
+constexpr int64_t kKeyBlock = 128;  // keys per block (a multiple of 16)
 constexpr int64_t kItemRows = 384;  // query rows (positions x heads of a group) per work item, about
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -181,6 +181,9 @@ Visibility Classify(const Range& q, const Range& kv, bool whole_block, bool caus
   return Visibility::kSome;
 }
 
+// n rounded up to whole vectors of 16: the row length of a chunk's logits over n keys.
+inline int64_t WholeVectors(int64_t n) { return (n + 15) / 16 * 16; }
+
 struct KeyBlock {
   const int32_t* seg;   // segments of the block's keys, 0 past the last key
   const int32_t* slot;  // their slots
@@ -284,15 +287,15 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
     row_seg[r] = P.q_seg[ib * P.t + pos];
     row_slot[r] = P.q_slot[ib * P.t + pos];
   }
-  chunk_range.assign(padded_rows / kChunk, Range());
+  const int64_t chunks = padded_rows / kChunk;
+  chunk_range.assign(chunks, Range());
   for (int64_t r = 0; r < padded_rows; ++r) chunk_range[r / kChunk].Add(row_seg[r], row_slot[r]);
 
-  const int64_t chunks = padded_rows / kChunk;
   o.assign(padded_rows * d, 0.0f), run_max.assign(padded_rows, kNegInf), denom.assign(padded_rows, 0.0f);
   s.resize(padded_rows * kKeyBlock), corr.resize(padded_rows), key_seg.resize(kKeyBlock), key_slot.resize(kKeyBlock);
   visible.resize(kChunk * kKeyBlock / 16), chunk_width.resize(chunks);
   for (int64_t k0 = 0; k0 < P.s; k0 += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, P.s - k0), nk_pad = (nk + 15) / 16 * 16;
+    const int64_t nk = std::min(kKeyBlock, P.s - k0), nk_pad = WholeVectors(nk);
     Range keys;
     for (int64_t j = 0; j < nk_pad; ++j) {  // padding keys: segment 0, never visible
       key_seg[j] = j < nk ? P.kv_seg[ib * P.s + k0 + j] : 0;
@@ -314,13 +317,15 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
       chunk_width[c] = 0;
       const Visibility vis = Classify(chunk_range[c], keys, nk == nk_pad, P.causal);
       if (vis == Visibility::kNone) continue;
-      const int64_t width = vis == Visibility::kSome && P.causal ? CausalWidth(keys_in_block, chunk_range[c], nk_pad) : nk;
+      const int64_t width =
+          vis == Visibility::kSome && P.causal ? CausalWidth(keys_in_block, chunk_range[c], nk_pad) : nk;
       if (width == 0) continue;
       chunk_width[c] = width;
-      const int64_t width_pad = (width + 15) / 16 * 16;  // row length of the chunk's logits
+      const int64_t width_pad = WholeVectors(width);
       const int64_t r0 = c * kChunk;
       float* sc = &s[r0 * kKeyBlock];
-      for (int64_t r = 0; r < kChunk; r += kQKRows) Logits<kQKRows>(&q_row[r0 + r], kt, width_pad, d, &sc[r * width_pad]);
+      for (int64_t r = 0; r < kChunk; r += kQKRows)
+        Logits<kQKRows>(&q_row[r0 + r], kt, width_pad, d, &sc[r * width_pad]);
       if (vis == Visibility::kSome) {
         for (int64_t r = 0; r < kChunk; ++r) {
           const __m512i qs = _mm512_set1_epi32(row_seg[r0 + r]), ql = _mm512_set1_epi32(row_slot[r0 + r]);
@@ -340,7 +345,7 @@ __attribute__((target("avx512f"))) void AttendItem(const Problem& P, int64_t ib,
     const float* v0 = P.v + ((ib * P.kvh + ih) * P.s + k0) * d;
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t width = chunk_width[c], r0 = c * kChunk;
-      if (width > 0) kChunkPV[nv - 1](&s[r0 * kKeyBlock], (width + 15) / 16 * 16, v0, width, &corr[r0], &o[r0 * d], d);
+      if (width > 0) kChunkPV[nv - 1](&s[r0 * kKeyBlock], WholeVectors(width), v0, width, &corr[r0], &o[r0 * d], d);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {

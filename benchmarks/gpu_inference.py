@@ -6,7 +6,9 @@ the GPU's measured bf16 matmul rate and weight bytes/s against its measured read
 
 The CPU benchmarks (prefill.py, decode.py) are the issue's float32 measurements; this is their bf16 GPU
 counterpart, timed the same way: prefill = the engine's jitted prefill vs the HF forward with a cache and
-`logits_to_keep=1`; decode time = time of `--new` tokens minus the time of one, both frameworks.
+`logits_to_keep=1`; decode time = time of `--new` tokens minus the time of one, both frameworks. The row
+"nvila_jax (sampling step)" runs the same greedy requests through the step that can also sample (a device-side
+conditional per step), which the engine compiles only when some request samples.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from nvila_jax.accounting import llm_decode_weight_bytes, llm_prefill_flops
-from nvila_jax.inference.engine import Engine, PrefillInputs, _prefill
+from nvila_jax.inference.engine import Engine, PrefillInputs, _decode_step, _prefill
 from nvila_jax.inference.request import Request
 from nvila_jax.inference.sampling import SamplingParams
 from nvila_jax.model import inference_module
@@ -33,9 +35,8 @@ def synchronizer(device: str):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def gpu_limits(device: str) -> tuple[float, float]:
-    """(best bf16 GEMM FLOP/s of torch and XLA on an 8192^3 product, best read bytes/s summing 4 GiB of bf16)."""
-    n = 8192
+def gpu_limits(device: str, n: int) -> tuple[float, float]:
+    """(best bf16 GEMM FLOP/s of torch and XLA on an n^3 product, best read bytes/s summing 4 GiB of bf16)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     sync = synchronizer(device)
     t_torch, _ = common.timed(lambda: (torch.mm(a, a), sync()), repeats=10, warmup=3)
@@ -58,12 +59,13 @@ def main() -> None:
     p.add_argument("--new", type=int, default=32, help="decode tokens generated per row")
     p.add_argument("--layers", type=int, default=24, help="LLM depth (Qwen2.5-0.5B has 24)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--matmul-size", type=int, default=8192, help="side of the square product the peak is read from")
     args = p.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"jax devices {jax.devices()}; torch device {device}"
           f" ({torch.cuda.get_device_name() if device == 'cuda' else 'no GPU'})", flush=True)
-    peak, bandwidth = gpu_limits(device)
+    peak, bandwidth = gpu_limits(device, args.matmul_size)
     print(f"measured: bf16 matmul {peak / 1e12:.0f} TFLOP/s, read bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     cfg = common.bench_config(vision_layers=1, llm_layers=args.layers)
     ref, params = common.reference_and_params(cfg)
@@ -104,6 +106,9 @@ def main() -> None:
     print(f"speed-up over PyTorch: {float(rows[1][1]) / float(rows[0][1]):.2f}x", flush=True)
 
     engine = Engine(cfg, module, stop_token_ids=(), pad_id=0)
+    # The engine as it was before greedy batches got their own step: the sampling conditional compiled in.
+    general = Engine(cfg, module, stop_token_ids=(), pad_id=0)
+    general.decode_step = lambda params, state, cache, _: _decode_step(module, params, state, cache, True)
     weight_bytes = llm_decode_weight_bytes(cfg.llm, 2)
     rng = np.random.default_rng(0)
     rows = []
@@ -112,9 +117,12 @@ def main() -> None:
         requests = [Request(r, FusedSequence(r, np.full_like(r, -1)), (), None) for r in ids.astype(np.int32)]
         t_ids = torch.from_numpy(ids).to(device)
 
-        def run_jax(new: int):
+        def run_jax(new: int, engine: Engine = engine):
             tokens, _, _ = engine.generate(params, requests, [SamplingParams(new)] * batch)
             return tokens
+
+        def run_general(new: int):
+            return run_jax(new, general)
 
         def run_torch(new: int):
             with torch.no_grad():
@@ -123,9 +131,11 @@ def main() -> None:
             return out[:, args.prompt:].tolist()
 
         a, b = run_jax(args.new), run_torch(args.new)
-        run_jax(1), run_torch(1)  # both lengths warmed up before decode_steps_per_s times them
+        assert run_general(args.new) == a, "the greedy step and the sampling-capable step chose different tokens"
+        run_jax(1), run_general(1), run_torch(1)  # every length warmed up before decode_steps_per_s times them
         agree = float(np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra[:4], rb[:4])]))
-        for name, run in (("nvila_jax", run_jax), ("HF generate (PyTorch)", run_torch)):
+        for name, run in (("nvila_jax (sampling step)", run_general), ("nvila_jax", run_jax),
+                          ("HF generate (PyTorch)", run_torch)):
             steps_per_s = common.decode_steps_per_s(run, args.new, args.repeats)
             rows.append((str(batch), name, f"{batch * steps_per_s:.0f}", f"{1e3 / steps_per_s:.2f}",
                          f"{weight_bytes * steps_per_s / 1e9:.0f}", f"{weight_bytes * steps_per_s / bandwidth:.0%}"))

@@ -10,6 +10,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from nvila_jax.inference.buckets import batch_bucket, bucket, power_of_two_chunks
+from nvila_jax.inference.engine import DecodeState, advance
 from nvila_jax.inference import sampling
 from nvila_jax.inference.sampling import (SamplingParams, _filter_top_k_top_p, first_argmax, greedy_tokens, row_keys,
                                          sample)
@@ -100,6 +101,43 @@ def test_greedy_tokens_never_choose_a_suppressed_id(kernel, monkeypatch):
                                 jnp.asarray(suppressed)))
         np.testing.assert_array_equal(got[[0, 1, 3]], want[[0, 1, 3]])
         assert not suppressed[got[[2, 4]]].any()
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Names of every primitive in a closed jaxpr, sub-jaxprs (cond branches, custom calls) included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+def test_an_all_greedy_step_compiles_no_conditional_and_chooses_the_same_tokens():
+    """advance(sampling=False) (the engine's choice when no request samples) is the argmax alone, with no
+    device-side conditional, and picks what the sampling-capable step picks for temperature-0 rows."""
+    rng = np.random.RandomState(3)
+    batch, vocab = 3, 500
+    suppressed = np.zeros(vocab, bool)
+    suppressed[rng.choice(vocab, 20, replace=False)] = True
+    logits = rng.randn(batch, vocab).astype(np.float32)
+    logits[0, np.flatnonzero(suppressed)[0]] = 50.0  # the argmax is suppressed: the next best wins
+    state = DecodeState(tokens=jnp.zeros((batch,), jnp.int32), positions=jnp.zeros((batch,), jnp.int32),
+                        done=jnp.asarray([False, False, True]), generated=jnp.asarray([0, 4, 2], jnp.int32),
+                        max_new=jnp.asarray([8, 5, 8], jnp.int32), temperature=jnp.zeros((batch,)),
+                        top_k=jnp.zeros((batch,), jnp.int32), top_p=jnp.ones((batch,)),
+                        seeds=jnp.arange(batch, dtype=jnp.uint32),
+                        stop_ids=jnp.asarray([int(np.argmax(np.where(suppressed, -np.inf, logits[1]))), -1, -1, -1],
+                                             jnp.int32),
+                        suppressed=jnp.asarray(suppressed))
+    greedy_state, greedy_out = jax.jit(advance, static_argnums=2)(state, jnp.asarray(logits), False)
+    general_state, general_out = jax.jit(advance, static_argnums=2)(state, jnp.asarray(logits), True)
+    for a, b in zip(jax.tree.leaves((greedy_state, greedy_out)), jax.tree.leaves((general_state, general_out))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(greedy_out.tokens), np.argmax(np.where(suppressed, -np.inf, logits), -1))
+    assert np.asarray(greedy_out.done).tolist() == [False, True, True]  # row 1 chose its stop token
+    assert "cond" not in _primitives(jax.make_jaxpr(advance, static_argnums=2)(state, logits, False).jaxpr)
+    assert "cond" in _primitives(jax.make_jaxpr(advance, static_argnums=2)(state, logits, True).jaxpr)
 
 
 @pytest.mark.parametrize("bad,match", [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.1), "temperature"),

@@ -25,7 +25,7 @@ from nvila_jax.config import NVILAConfig
 from nvila_jax.distributed import to_host
 from nvila_jax.inference.buckets import batch_bucket, bucket, power_of_two_chunks
 from nvila_jax.inference.request import Request
-from nvila_jax.inference.sampling import SamplingParams, row_keys, sample
+from nvila_jax.inference.sampling import SamplingParams, greedy_tokens, row_keys, sample
 from nvila_jax.kernels.backend import cpu_tuned_jit
 from nvila_jax.models.nvila import NVILA
 from nvila_jax.models.qwen2 import KVCache
@@ -75,10 +75,16 @@ class StepOutput:
     done: jax.Array
 
 
-def advance(state: DecodeState, logits: jax.Array) -> tuple[DecodeState, StepOutput]:
-    """Chooses each row's next token from float32 logits [B, V] and updates stop bookkeeping."""
-    tokens = sample(logits, row_keys(state.seeds, state.generated), state.temperature, state.top_k, state.top_p,
-                    state.suppressed)
+def advance(state: DecodeState, logits: jax.Array, sampling: bool = True) -> tuple[DecodeState, StepOutput]:
+    """Chooses each row's next token from float32 logits [B, V] and updates stop bookkeeping.
+
+    `sampling=False` (every row greedy) compiles the argmax alone: `sample` decides on the device whether any
+    row samples, a conditional that a GPU resolves by a device-to-host copy, stalling every decode step."""
+    if sampling:
+        tokens = sample(logits, row_keys(state.seeds, state.generated), state.temperature, state.top_k,
+                        state.top_p, state.suppressed)
+    else:
+        tokens = greedy_tokens(logits, state.suppressed)
     active = ~state.done
     generated = state.generated + active.astype(jnp.int32)
     stopped = jnp.isin(tokens, state.stop_ids)
@@ -99,8 +105,9 @@ def prefill(module: NVILA, params: Any, inputs: PrefillInputs, cache: KVCache) -
     return nn.apply(run, module)({"params": params})
 
 
-def decode_step(module: NVILA, params: Any, state: DecodeState, cache: KVCache):
-    """Feeds each row's last token at its position and chooses the next one. Returns (state, cache, out)."""
+def decode_step(module: NVILA, params: Any, state: DecodeState, cache: KVCache, sampling: bool = True):
+    """Feeds each row's last token at its position and chooses the next one (`advance`'s `sampling`).
+    Returns (state, cache, out)."""
     tokens = state.tokens[:, None]
     no_visual = jnp.zeros((0, module.config.llm.hidden_size), jnp.float32)
 
@@ -110,15 +117,15 @@ def decode_step(module: NVILA, params: Any, state: DecodeState, cache: KVCache):
         return m.logits(hidden[:, -1]), new_cache
 
     logits, cache = nn.apply(run, module)({"params": params})
-    state, out = advance(state.replace(positions=state.positions + 1), logits)
+    state, out = advance(state.replace(positions=state.positions + 1), logits, sampling)
     return state, cache, out
 
 
 # Compiled programs. The module is a static argument (equal configs give equal modules), so every engine and
 # model of the same configuration shares one compile cache.
 _prefill = cpu_tuned_jit(prefill, static_argnums=(0,), donate_argnums=(3,))
-_decode_step = cpu_tuned_jit(decode_step, static_argnums=(0,), donate_argnums=(3,))
-_advance = cpu_tuned_jit(advance)  # apart from prefill: compiled once per batch size, not per prompt length
+_decode_step = cpu_tuned_jit(decode_step, static_argnums=(0, 4), donate_argnums=(3,))
+_advance = cpu_tuned_jit(advance, static_argnums=(2,))  # apart from prefill: once per batch size, not prompt length
 
 
 @functools.partial(cpu_tuned_jit, static_argnums=(0,))
@@ -331,8 +338,9 @@ class Engine:
         if self.cache_shardings is not None:
             cache = jax.device_put(cache, self.cache_shardings(cache))
         state = self.initial_state(requests, sampling, batch, max_new)
+        samples = any(s.temperature > 0 for s in sampling)  # else the argmax alone is compiled (see advance)
         logits, cache = self.prefill(params, inputs, cache)
-        state, first = _advance(state, logits)
+        state, first = _advance(state, logits, samples)
         stops = set(self.stop_ids.tolist())
         tokens: list[list[int]] = [[] for _ in requests]
         reasons = ["length"] * len(requests)
@@ -342,7 +350,7 @@ class Engine:
         decode_tokens = 0
         while pending:
             if steps_left > 0:  # dispatch the next step before reading this one, so host and device overlap
-                state, cache, nxt = self.decode_step(params, state, cache)
+                state, cache, nxt = self.decode_step(params, state, cache, samples)
                 pending.append(nxt)
                 steps_left -= 1
             out = jax.tree.map(to_host, pending.pop(0))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nvila_jax.accounting import llm_decode_weight_bytes, llm_prefill_flops
-from nvila_jax.inference.engine import Engine, PrefillInputs, _decode_step, _prefill
+from nvila_jax.inference.engine import Engine, PrefillInputs, _decode_steps, _prefill
 from nvila_jax.inference.request import Request
 from nvila_jax.inference.sampling import SamplingParams
 from nvila_jax.model import inference_module
@@ -108,7 +108,7 @@ def main() -> None:
     engine = Engine(cfg, module, stop_token_ids=(), pad_id=0)
     # The engine as it was before greedy batches got their own step: the sampling conditional compiled in.
     general = Engine(cfg, module, stop_token_ids=(), pad_id=0)
-    general.decode_step = lambda params, state, cache, _: _decode_step(module, params, state, cache, True)
+    general.decode_steps = lambda params, state, cache, _, steps: _decode_steps(module, params, state, cache, True, steps)
     weight_bytes = llm_decode_weight_bytes(cfg.llm, 2)
     rng = np.random.default_rng(0)
     rows = []

@@ -160,6 +160,42 @@ def test_stop_tokens_end_each_row_and_are_not_returned(pair, tiny_tokenizer):
     assert stats.decode_tokens == sum(min(NEW, (t.index(stop) + 1) if stop in t else NEW) - 1 for t in tokens)
 
 
+@pytest.mark.parametrize("per_call", [2, 3])
+def test_several_steps_per_call_generate_as_one_step_per_call(pair, tiny_tokenizer, per_call):
+    """Decode steps in groups (as on an accelerator, the host reading each group) choose, stream, stop and
+    count exactly as one step per call, also where a row stops or runs out of tokens inside a group."""
+    _, model = pair("nvila")
+    reqs = [model.prepare(r.prompt, r.images, r.video) for r in MIXED]
+    settings = [SamplingParams(NEW), SamplingParams(NEW - 3, temperature=2.0, seed=3), SamplingParams(5)]
+    pad = tiny_tokenizer.pad_token_id
+    free = Engine(model.config, model.module, (), pad).generate(model.params, reqs, settings)[0]
+    stop = free[0][2]
+    results, calls = {}, []
+    for n in (1, per_call):
+        engine = Engine(model.config, model.module, (stop,), pad, steps_per_call=n)
+        steps = engine.decode_steps
+        engine.decode_steps = lambda *args, steps=steps: calls.append((n, args[-1])) or steps(*args)
+        seen = []
+        tokens, reasons, stats = engine.generate(model.params, reqs, settings, lambda i, t: seen.append((i, t)))
+        results[n] = tokens, reasons, stats.decode_tokens, seen
+    assert results[per_call] == results[1]
+    assert results[1][1][0] == "stop" and results[1][0][0] == free[0][:free[0].index(stop)]
+    assert {c for c in calls if c[0] == per_call} == {(per_call, per_call)} and (1, 1) in calls
+    with pytest.raises(ValueError, match="steps_per_call"):
+        Engine(model.config, model.module, (stop,), pad, steps_per_call=0)
+
+
+@pytest.mark.parametrize("backend,want", [("cpu", 1), ("gpu", engine_module.ACCELERATOR_STEPS_PER_CALL)])
+def test_steps_per_call_default_by_backend(pair, tiny_tokenizer, monkeypatch, backend, want):
+    _, model = pair("nvila")
+    monkeypatch.setattr(engine_module, "platform", lambda: backend)
+    engine = Engine(model.config, model.module, (), tiny_tokenizer.pad_token_id)
+    steps, calls = engine.decode_steps, []
+    engine.decode_steps = lambda *args: calls.append(args[-1]) or steps(*args)
+    tokens, _, _ = engine.generate(model.params, [model.prepare(QUESTION)], [SamplingParams(NEW)])
+    assert set(calls) == {want} and tokens[0] == model.generate_ids(QUESTION, max_new_tokens=NEW)
+
+
 def test_max_new_tokens_and_the_context_limit(pair, tiny_tokenizer):
     _, model = pair("nvila")
     full = model.generate_ids(QUESTION, max_new_tokens=NEW)
@@ -175,7 +211,7 @@ def test_max_new_tokens_and_the_context_limit(pair, tiny_tokenizer):
 def test_a_new_image_size_reuses_the_compiled_programs(pair):
     _, model = pair("nvila")
     model.generate_ids(QUESTION, images=[random_image(150, 110, 8)], max_new_tokens=NEW)
-    sizes = lambda: (engine_module._prefill._cache_size(), engine_module._decode_step._cache_size(),
+    sizes = lambda: (engine_module._prefill._cache_size(), engine_module._decode_steps._cache_size(),
                      engine_module._tile_features._cache_size(), engine_module._project_s2._cache_size())
     before = sizes()
     # Another size with the same tile grid and prompt bucket: nothing new to compile.

@@ -1,6 +1,6 @@
-"""Batched generation over an explicit KV cache: vision programs, a jitted prefill and a jitted decode step.
+"""Batched generation over an explicit KV cache: vision programs, a jitted prefill and jitted decode steps.
 
-`prefill` and `decode_step` are pure functions of (module, params, inputs/state, cache) so that they can be
+`prefill` and `decode_steps` are pure functions of (module, params, inputs/state, cache) so that they can be
 jitted as they are here or with in/out shardings on a mesh. Every shape they see is bucketed (batch, prompt
 length, visual tokens, cache length), and the vision tower runs on power-of-two chunks of tiles, so a new
 prompt or image size mostly reuses compiled programs. Rows are left-padded: padding has segment id 0 and
@@ -26,13 +26,14 @@ from nvila_jax.distributed import to_host
 from nvila_jax.inference.buckets import batch_bucket, bucket, power_of_two_chunks
 from nvila_jax.inference.request import Request
 from nvila_jax.inference.sampling import SamplingParams, greedy_tokens, row_keys, sample
-from nvila_jax.kernels.backend import cpu_tuned_jit
+from nvila_jax.kernels.backend import cpu_tuned_jit, platform
 from nvila_jax.models.nvila import NVILA
 from nvila_jax.models.qwen2 import KVCache
 
 PROMPT_BUCKET_MIN = 32
 VISUAL_BUCKET_MIN = 64
 STOP_IDS_MULTIPLE = 4
+ACCELERATOR_STEPS_PER_CALL = 8
 
 
 @flax.struct.dataclass
@@ -121,10 +122,27 @@ def decode_step(module: NVILA, params: Any, state: DecodeState, cache: KVCache, 
     return state, cache, out
 
 
+def decode_steps(module: NVILA, params: Any, state: DecodeState, cache: KVCache, sampling: bool = True,
+                 steps: int = 1):
+    """`steps` decode steps in one program, their outputs stacked ([steps, B] arrays). A GPU runs a 0.5B
+    model's step faster than the host dispatches it (BENCHMARKS.md, GPU breakdown): several steps per
+    dispatch. Rows that are done keep stepping without effect until the program ends."""
+    if steps == 1:
+        state, cache, out = decode_step(module, params, state, cache, sampling)
+        return state, cache, jax.tree.map(lambda x: x[None], out)
+
+    def body(carry, _):
+        state, cache, out = decode_step(module, params, *carry, sampling)
+        return (state, cache), out
+
+    (state, cache), outs = jax.lax.scan(body, (state, cache), length=steps)
+    return state, cache, outs
+
+
 # Compiled programs. The module is a static argument (equal configs give equal modules), so every engine and
 # model of the same configuration shares one compile cache.
 _prefill = cpu_tuned_jit(prefill, static_argnums=(0,), donate_argnums=(3,))
-_decode_step = cpu_tuned_jit(decode_step, static_argnums=(0, 4), donate_argnums=(3,))
+_decode_steps = cpu_tuned_jit(decode_steps, static_argnums=(0, 4, 5), donate_argnums=(3,))
 _advance = cpu_tuned_jit(advance, static_argnums=(2,))  # apart from prefill: once per batch size, not prompt length
 
 
@@ -190,24 +208,29 @@ class Engine:
 
     `max_tile_batch` bounds how many tiles go through the vision tower at once (a power of two).
     `cache_shardings(cache)`, when given, returns the shardings to place a new KV cache with (on a mesh).
+    `steps_per_call`: decode steps per dispatch (`decode_steps`); None: 1 on a CPU, where a step outlasts
+    its dispatch, ACCELERATOR_STEPS_PER_CALL elsewhere. Tokens stream in groups of that many.
     """
 
     def __init__(self, config: NVILAConfig, module: NVILA, stop_token_ids: Sequence[int], pad_id: int,
                  suppressed_token_ids: Sequence[int] = (), max_tile_batch: int = 16,
-                 cache_shardings: Callable[[KVCache], Any] | None = None) -> None:
+                 cache_shardings: Callable[[KVCache], Any] | None = None, steps_per_call: int | None = None) -> None:
         power_of_two_chunks(0, max_tile_batch)  # validates max_tile_batch
+        if steps_per_call is not None and steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be >= 1 (or None: chosen by backend), got {steps_per_call}")
         self.config = config
         self.module = module
         self.pad_id = pad_id
         self.max_tile_batch = max_tile_batch
         self.cache_shardings = cache_shardings
+        self.steps_per_call = steps_per_call
         stops = sorted(set(stop_token_ids))
         size = max(STOP_IDS_MULTIPLE, -(-len(stops) // STOP_IDS_MULTIPLE) * STOP_IDS_MULTIPLE)
         self.stop_ids = np.asarray(stops + [-1] * (size - len(stops)), np.int32)
         self.suppressed = np.zeros((config.llm.vocab_size,), bool)
         self.suppressed[list(suppressed_token_ids)] = True
         self.prefill = functools.partial(_prefill, module)
-        self.decode_step = functools.partial(_decode_step, module)
+        self.decode_steps = functools.partial(_decode_steps, module)
         self._tile_tokens = functools.partial(_tile_tokens, module)
         self._tile_features = functools.partial(_tile_features, module)
         self._project_s2 = functools.partial(_project_s2, module)
@@ -341,32 +364,34 @@ class Engine:
         samples = any(s.temperature > 0 for s in sampling)  # else the argmax alone is compiled (see advance)
         logits, cache = self.prefill(params, inputs, cache)
         state, first = _advance(state, logits, samples)
+        per_call = self.steps_per_call or (1 if platform() == "cpu" else ACCELERATOR_STEPS_PER_CALL)
         stops = set(self.stop_ids.tolist())
         tokens: list[list[int]] = [[] for _ in requests]
         reasons = ["length"] * len(requests)
-        pending = [first]
+        pending = [jax.tree.map(lambda x: x[None], first)]  # StepOutputs of [steps, B]
         steps_left = max(max_new) - 1
         t2 = None
         decode_tokens = 0
+        live = len(requests)
         while pending:
-            if steps_left > 0:  # dispatch the next step before reading this one, so host and device overlap
-                state, cache, nxt = self.decode_step(params, state, cache, samples)
+            if steps_left > 0:  # dispatch the next steps before reading these, so host and device overlap
+                state, cache, nxt = self.decode_steps(params, state, cache, samples, per_call)
                 pending.append(nxt)
-                steps_left -= 1
+                steps_left -= per_call
             out = jax.tree.map(to_host, pending.pop(0))
             if t2 is None:
                 t2 = time.perf_counter()
             else:
-                decode_tokens += int(out.active[: len(requests)].sum())
-            for row in np.flatnonzero(out.active[: len(requests)]):
-                token = int(out.tokens[row])
+                decode_tokens += int(out.active[:, :live].sum())
+            for step, row in zip(*np.nonzero(out.active[:, :live])):  # step by step; a done row is never active
+                token = int(out.tokens[step, row])
                 if token in stops:
                     reasons[row] = "stop"
                     continue
                 tokens[row].append(token)
                 if on_token is not None:
                     on_token(int(row), token)
-            if out.done[: len(requests)].all():
+            if out.done[-1, :live].all():
                 break
         t3 = time.perf_counter()
         stats = BatchStats(

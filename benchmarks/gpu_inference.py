@@ -108,7 +108,7 @@ def main() -> None:
     engine = Engine(cfg, module, stop_token_ids=(), pad_id=0)
     # The engine as it was before greedy batches got their own step: the sampling conditional compiled in.
     general = Engine(cfg, module, stop_token_ids=(), pad_id=0)
-    general.decode_steps = lambda params, state, cache, _, steps: _decode_steps(module, params, state, cache, True, steps)
+    general.decode_steps = lambda params, state, cache, _, n: _decode_steps(module, params, state, cache, True, n)
     weight_bytes = llm_decode_weight_bytes(cfg.llm, 2)
     rng = np.random.default_rng(0)
     rows = []

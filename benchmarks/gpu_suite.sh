@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU test and benchmark in one go: the kernels' tests and benchmarks (issue 9), the generation tests and
-# the bf16 prefill/decode benchmark (issue 6). Logs under $OUT (default ./gpu_results).
+# Every GPU test and benchmark in one go: the kernels' tests and benchmarks (issue 9), the generation tests,
+# the bf16 prefill/decode benchmark and its breakdown (issue 6). Logs under $OUT (default ./gpu_results).
 #   bash benchmarks/gpu_suite.sh            # on a machine with a CUDA GPU, from the repository root
 #   PARTS="generation inference" bash benchmarks/gpu_suite.sh   # some parts only
 set -uo pipefail
 OUT=${OUT:-gpu_results}
-PARTS=${PARTS:-"kernels generation inference"}
+PARTS=${PARTS:-"kernels generation inference breakdown"}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -25,6 +25,8 @@ for part in $PARTS; do
         2>&1 | tee "$OUT/generation_tests.log" ;;
     inference)
       $PY benchmarks/gpu_inference.py ${INFERENCE_ARGS:-} 2>&1 | tee "$OUT/gpu_inference.log" ;;
-    *) echo "unknown part '$part' (expected kernels, generation, inference)" >&2; exit 2 ;;
+    breakdown)
+      $PY benchmarks/gpu_breakdown.py ${BREAKDOWN_ARGS:-} 2>&1 | tee "$OUT/gpu_breakdown.log" ;;
+    *) echo "unknown part '$part' (expected kernels, generation, inference, breakdown)" >&2; exit 2 ;;
   esac
 done

@@ -21,6 +21,7 @@
 
 #include "parallel.h"
 #include "vector_exp.h"
+#include "vector_lanes.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -84,7 +85,7 @@ __attribute__((target("avx512f"))) void AccumulatePV(const float* p, int64_t ldp
                                                      const float* corr, float* o, int64_t d) {
   __mmask16 mask[NV];
 #pragma GCC unroll 8
-  for (int i = 0; i < NV; ++i) mask[i] = i < NV - 1 ? 0xFFFF : static_cast<__mmask16>((1u << (d - 16 * (NV - 1))) - 1u);
+  for (int i = 0; i < NV; ++i) mask[i] = nvila::FirstLanes(d - 16 * i);
   __m512 acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -242,7 +243,7 @@ __attribute__((target("avx512f"))) void PackKeys(const float* keys, int64_t s, i
   for (int64_t j0 = 0; j0 < padded; j0 += 16) {
     float* block = kt + (j0 / kKeyBlock) * d * kKeyBlock + j0 % kKeyBlock;
     for (int64_t e0 = 0; e0 < d; e0 += 16) {
-      const __mmask16 dims = d - e0 >= 16 ? 0xFFFF : (1u << (d - e0)) - 1;
+      const __mmask16 dims = nvila::FirstLanes(d - e0);
       __m512 r[16];
       for (int i = 0; i < 16; ++i) {
         r[i] = j0 + i < s ? _mm512_maskz_loadu_ps(dims, keys + (j0 + i) * d + e0) : _mm512_setzero_ps();

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vector_lanes.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -34,15 +35,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 Masked(const 
   return _mm512_mask_mov_ps(v, _mm512_test_epi32_mask(s, s), _mm512_set1_ps(-INFINITY));
 }
 
-inline __mmask16 Valid(int64_t i, int64_t end) {
-  return end - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (end - i)) - 1);
-}
-
 __attribute__((target("avx512f,avx512bw,avx512vl"))) ChunkResult ScanChunk(const float* x, const bool* suppressed,
                                                                            int64_t begin, int64_t end) {
   __m512 best = _mm512_set1_ps(-INFINITY);
   for (int64_t i = begin; i < end; i += 16) {
-    const __mmask16 valid = Valid(i, end);
+    const __mmask16 valid = nvila::FirstLanes(end - i);
     const __m512 v = Masked(x, suppressed, i, valid);
     const __mmask16 nan = _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
     if (nan) return {0.0f, 0, i + __builtin_ctz(nan)};
@@ -51,7 +48,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) ChunkResult ScanChunk(const
   const float top = _mm512_reduce_max_ps(best);
   const __m512 topv = _mm512_set1_ps(top);
   for (int64_t i = begin; i < end; i += 16) {
-    const __mmask16 valid = Valid(i, end);
+    const __mmask16 valid = nvila::FirstLanes(end - i);
     const __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, Masked(x, suppressed, i, valid), topv, _CMP_EQ_OQ);
     if (hit) return {top, i + __builtin_ctz(hit), -1};
   }

@@ -19,6 +19,7 @@
 
 #include "matmul_binding.h"
 #include "parallel.h"
+#include "vector_lanes.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -96,7 +97,7 @@ __attribute__((target("avx512f"))) void DotsNK(const float* x, const float* w, f
     for (int g = 0; g < G; ++g) acc[m][g] = _mm512_setzero_ps();
   const float* wn = w + n * k_total;
   for (int64_t k = 0; k < k_total; k += 16) {
-    const __mmask16 mask = k_total - k >= 16 ? 0xFFFF : (1u << (k_total - k)) - 1;
+    const __mmask16 mask = nvila::FirstLanes(k_total - k);
     __m512 wv[G];
     for (int g = 0; g < G; ++g) {
       wv[g] = _mm512_maskz_loadu_ps(mask, wn + g * k_total + k);

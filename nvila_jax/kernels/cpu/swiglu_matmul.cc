@@ -19,6 +19,7 @@
 
 #include "parallel.h"
 #include "vector_exp.h"
+#include "vector_lanes.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -32,8 +33,6 @@ constexpr int64_t kDepth = 448;        // weight rows per block at most (a panel
 constexpr int64_t kItemPanels = 12;    // panels per work item at most
 constexpr int64_t kItemRows = 1022;    // x rows per work item at most (73 tiles)
 constexpr int64_t kPrefetchAhead = 4;  // panel rows
-
-inline __mmask16 FirstLanes(int64_t n) { return n >= kHalf ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1u); }
 
 // silu(g) * u = g * sigmoid(g) * u, with sigmoid from exp(-|g|) (no overflow for any g).
 __attribute__((target("avx512f"))) inline __m512 SwiGLU(__m512 g, __m512 u) {
@@ -69,7 +68,7 @@ __attribute__((target("avx512f"))) void Tile(const float* x, int64_t ldx, const 
     }
   }
   if (last) {
-    const __mmask16 store = FirstLanes(cols);
+    const __mmask16 store = nvila::FirstLanes(cols);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo, store, SwiGLU(g[r], u[r]));
   } else {
@@ -97,7 +96,7 @@ __attribute__((target("avx512f"))) void PackPanels(const float* wg, const float*
     const float *g = wg + (k0 + k) * f + c0, *u = wu + (k0 + k) * f + c0;
     float* dst = panels + k * kPanel;
     for (int64_t p = 0; p < count; ++p, dst += depth * kPanel) {
-      const __mmask16 valid = FirstLanes(cols - p * kHalf);
+      const __mmask16 valid = nvila::FirstLanes(cols - p * kHalf);
       _mm512_store_ps(dst, _mm512_maskz_loadu_ps(valid, g + p * kHalf));
       _mm512_store_ps(dst + kHalf, _mm512_maskz_loadu_ps(valid, u + p * kHalf));
     }

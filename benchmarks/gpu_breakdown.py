@@ -21,11 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvila_jax.inference.engine import (ACCELERATOR_STEPS_PER_CALL, DecodeState, PrefillInputs, _decode_steps,
+from nvila_jax.inference.engine import (ACCELERATOR_STEPS_PER_CALL, Engine, PrefillInputs, _advance, _decode_steps,
                                         _prefill)
+from nvila_jax.inference.request import Request
+from nvila_jax.inference.sampling import SamplingParams
 from nvila_jax.model import inference_module
 from nvila_jax.models import layers
 from nvila_jax.models.qwen2 import KVCache
+from nvila_jax.text.fusion import FusedSequence
 
 
 def cudnn_attention(q, k, v, mask, scale):
@@ -75,19 +78,17 @@ def prefill_rows(module, cfg, params, tokens: int, repeats: int) -> list[tuple[s
 
 def decode_rows(module, cfg, params, batch: int, steps: int, repeats: int) -> list[tuple[str, ...]]:
     prompt, cache_len = 128, 256
+    engine = Engine(cfg, module, stop_token_ids=(), pad_id=0)
     ids = np.random.default_rng(batch).integers(0, 151000, (batch, prompt)).astype(np.int32)
-    inputs = PrefillInputs(jnp.asarray(ids), jnp.full((batch, prompt), -1, jnp.int32),
-                           jnp.broadcast_to(jnp.arange(prompt, dtype=jnp.int32), (batch, prompt)),
-                           jnp.ones((batch, prompt), jnp.int32), jnp.zeros((0, cfg.llm.hidden_size), jnp.bfloat16))
-    vec = lambda value, dtype: jnp.full((batch,), value, dtype)
+    requests = [Request(r, FusedSequence(r, np.full_like(r, -1)), (), None) for r in ids]
+    inputs = engine.build_inputs(requests, *engine.visual_tokens(params, requests), batch)
+    max_new = [cache_len - prompt] * batch
 
     def start():
-        logits, cache = _prefill(module, params, inputs, KVCache.init(cfg.llm, batch, cache_len, jnp.bfloat16))
-        state = DecodeState(tokens=jnp.argmax(logits, -1).astype(jnp.int32), positions=vec(prompt - 1, jnp.int32),
-                            done=vec(False, bool), generated=vec(1, jnp.int32), max_new=vec(cache_len, jnp.int32),
-                            temperature=vec(0.0, jnp.float32), top_k=vec(0, jnp.int32), top_p=vec(1.0, jnp.float32),
-                            seeds=vec(0, jnp.uint32), stop_ids=jnp.full((4,), -1, jnp.int32),
-                            suppressed=jnp.zeros((cfg.llm.vocab_size,), bool))
+        """The engine's state and cache after prefill and the first token, as `Engine.generate` starts."""
+        state = engine.initial_state(requests, [SamplingParams(m) for m in max_new], batch, max_new)
+        logits, cache = engine.prefill(params, inputs, KVCache.init(cfg.llm, batch, cache_len, jnp.bfloat16))
+        state, _ = _advance(state, logits, False)
         return jax.block_until_ready((state, cache))
 
     def back_to_back(read: bool, per_call: int) -> tuple[float, float]:

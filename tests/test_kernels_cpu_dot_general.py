@@ -1,7 +1,8 @@
 """CpuDotGeneral, inference's dot_general on a CPU: each float32 product reaches the kernel for its number of
 rows (rows_matmul up to 16, or 8 for the tied LM head's [N, K] table; blas_matmul beyond) and equals XLA's
 dot; dense layers, the LM head, the vision tower and projector, the LLM's SwiGLU MLP (swiglu_matmul beyond 16
-rows, same parameters); XLA where no kernel can run."""
+rows, same parameters) and its residual updates (o_proj, down_proj: one GEMM with the sum beyond 16 rows);
+XLA where no kernel can run."""
 
 from __future__ import annotations
 
@@ -33,12 +34,17 @@ def _dense_layers(dot_general_cls):
 
 
 def _record_calls(monkeypatch) -> list:
-    """(kernel, x shape, transposed) of each kernel call from now on."""
+    """(kernel, x shape, transposed) of each kernel call from now on; a product added to an operand in the same
+    call (blas_matmul's `add`) is recorded as "blas_matmul+add"."""
     calls = []
     for module, name in ((rm, "rows_matmul"), (bm, "blas_matmul")):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda x, w, transposed=False, real=real, name=name:
-                            calls.append((name, x.shape, transposed)) or real(x, w, transposed))
+
+        def record(x, w, transposed=False, add=None, real=real, name=name):
+            calls.append((name if add is None else f"{name}+add", x.shape, transposed))
+            return real(x, w, transposed) if add is None else real(x, w, transposed, add=add)
+
+        monkeypatch.setattr(module, name, record)
     return calls
 
 
@@ -110,6 +116,13 @@ def test_without_the_kernels_everything_goes_to_xla(monkeypatch):
                                       np.asarray(_dense_layers(None).apply(params, x)))
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)  # other dtypes never reach a kernel either
     assert _dense_layers(CpuDotGeneral).apply(bf16, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    cfg = _qwen2_layers()  # the LLM's residual updates (CpuDotGeneral.residual_add) too
+    from nvila_jax.models.qwen2 import Qwen2LM
+
+    params = Qwen2LM(cfg, scan_layers=False).init(
+        jax.random.key(1), jnp.zeros((1, 30, 40)), jnp.arange(30)[None], jnp.ones((1, 30), jnp.int32), None)
+    np.testing.assert_allclose(np.asarray(_qwen2_forward(cfg, CpuDotGeneral, params, 30)),
+                               np.asarray(_qwen2_forward(cfg, None, params, 30)), rtol=1e-5, atol=1e-6)
 
 
 def _qwen2_layers():
@@ -166,9 +179,12 @@ def test_the_llm_mlp_takes_the_fused_swiglu_kernel_beyond_a_decode_step(rows, mo
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())  # float32 rounding
     if rows > 16:
         assert fused == [(rows, 40)] * 2  # per layer
-        assert calls.count(("blas_matmul", (rows, 40), False)) == 2 * 4  # q, k, v, o per layer; no gate, up
+        assert calls.count(("blas_matmul", (rows, 40), False)) == 2 * 3  # q, k, v per layer; no gate, up
+        # o and down added to the residual stream by the GEMM itself
+        assert calls.count(("blas_matmul+add", (rows, 40), False)) == calls.count(("blas_matmul+add", (rows, 72), False)) == 2
     else:
         assert fused == [] and calls.count(("rows_matmul", (rows, 40), False)) == 2 * 6  # q, k, v, o, gate, up
+        assert calls.count(("rows_matmul", (rows, 72), False)) == 2 and not any("+add" in c[0] for c in calls)
 
 
 def test_without_the_swiglu_kernel_the_mlp_takes_two_products(monkeypatch):

@@ -1,7 +1,8 @@
 """The flax `dot_general_cls` of inference on a CPU: each float32 product goes to the kernel made for its
 number of rows, `rows_matmul` (1-16 rows: a decode step, weight-streaming) or `blas_matmul` (more: prefill,
 the vision encoder, OpenBLAS's GEMM), and to `lax.dot_general` where neither can run or applies. A SwiGLU
-MLP's gate and up products of more rows go with their activation to `swiglu_matmul` (`CpuDotGeneral.swiglu`)."""
+MLP's gate and up products of more rows go with their activation to `swiglu_matmul` (`CpuDotGeneral.swiglu`),
+and a product added to the residual stream goes with the sum to `blas_matmul` (`CpuDotGeneral.residual_add`)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ class CpuDotGeneral:
             return out.reshape(x.shape[:-1] + wg.shape[1:])
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         return jax.nn.silu(cls()(x, wg, dims)) * cls()(x, wu, dims)
+
+    @classmethod
+    def residual_add(cls, x: jax.Array, h: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+        """x + h @ kernel for a bias-free dense layer's kernel [*in, N] contracted with h's trailing axes (Qwen2's
+        o_proj and down_proj on the residual stream x), the product in `dtype` as flax's dense layers compute.
+        Float32 with more rows than a decode step's: one GEMM that accumulates into x's buffer (the sum costs no
+        pass of its own); otherwise the product through this class, then the sum."""
+        h, kernel = promote_dtype(h, kernel, dtype=dtype)
+        n_in = kernel.ndim - 1
+        rows, k = math.prod(h.shape[:h.ndim - n_in]), math.prod(kernel.shape[:-1])
+        if x.dtype == h.dtype == jnp.float32 and rows > rows_matmul.MAX_ROWS and blas_matmul.available():
+            out = blas_matmul.blas_matmul(h.reshape(rows, k), kernel.reshape(k, -1), add=x.reshape(rows, -1))
+            return out.reshape(x.shape)
+        dims = ((tuple(range(h.ndim - n_in, h.ndim)), tuple(range(n_in))), ((), ()))
+        return x + cls()(h, kernel, dims)

@@ -42,11 +42,12 @@ def _dense_axes(init: Callable, axes: tuple[str | None, ...]) -> Callable:
 
 
 class DenseKernel(nn.Module):
-    """The kernel alone of a bias-free 2-D `dense` layer (same parameter name, initializer and logical axes),
-    for callers that multiply it themselves, e.g. a fused kernel taking two layers' weights at once."""
+    """The kernel alone of a bias-free `dense` layer (same parameter name, shape, initial values and logical
+    axes), for callers that multiply it themselves: a fused kernel taking two layers' weights at once, or
+    one that adds the product to a residual stream in the same call."""
 
-    shape: tuple[int, int]
-    axes: tuple[str | None, str | None]
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
     param_dtype: Dtype
 
     @nn.compact

@@ -5,6 +5,7 @@ KV cache pytree that is passed in and returned (never stored in the module).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -38,18 +39,21 @@ class KVCache:
 
     @classmethod
     def init(cls, config: Qwen2Config, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> "KVCache":
+        """An empty cache, every array made by one compiled call (2 x layers + 2 eager `jnp.zeros` dispatches
+        took 12-13 ms of each generate call for Qwen2.5-0.5B on a CPU, the compiled call 4-6 ms)."""
         shape = (batch, config.num_key_value_heads, max_length, config.head_dim)
-        layers = range(config.num_hidden_layers)
-        return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
-            segment_ids=jnp.zeros((batch, max_length), jnp.int32),
-            index=jnp.zeros((), jnp.int32),
-        )
+        return _empty_cache(cls, config.num_hidden_layers, shape, jnp.dtype(dtype))
 
     @property
     def max_length(self) -> int:
         return self.segment_ids.shape[1]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _empty_cache(cls: type[KVCache], layers: int, shape: tuple[int, int, int, int], dtype: jnp.dtype) -> KVCache:
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+               v=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+               segment_ids=jnp.zeros((shape[0], shape[2]), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
@@ -128,8 +132,17 @@ class Qwen2DecoderLayer(nn.Module):
         k = nn.with_logical_constraint(k, ("batch", "kv_length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "kv_length", "kv_heads", "head_dim"))
         attn = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, c.head_dim**-0.5)
-        o = dense(c.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj", **big)
-        x = x + o(attn)
+        residual_add = getattr(self.dot_general_cls, "residual_add", None)  # x + h @ kernel in one call
+
+        def add_dense(x, h, in_shape: tuple[int, ...], axes: tuple[str, ...], name: str) -> jax.Array:
+            """x + a bias-free dense layer of h's trailing `in_shape` axes (the residual stream's updates)."""
+            if residual_add is None:
+                axis = tuple(range(-len(in_shape), 0))
+                return x + dense(c.hidden_size, axes, axis=axis, use_bias=False, name=name, **big)(h)
+            kernel = DenseKernel((*in_shape, c.hidden_size), axes, self.param_dtype, name=name)()
+            return residual_add(x, h, kernel, self.dtype)
+
+        x = add_dense(x, attn, (c.num_attention_heads, c.head_dim), ("q_heads", "head_dim", "embed"), "o_proj")
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         fused_swiglu = getattr(self.dot_general_cls, "swiglu", None)  # gate, up and activation in one call
         if fused_swiglu is None:
@@ -141,7 +154,7 @@ class Qwen2DecoderLayer(nn.Module):
                                   name=name)() for name in ("gate_proj", "up_proj"))
             act = fused_swiglu(h, wg, wu, self.dtype)
         act = nn.with_logical_constraint(act, ("batch", "length", "mlp"))
-        x = x + dense(c.hidden_size, ("mlp", "embed"), use_bias=False, name="down_proj", **big)(act)
+        x = add_dense(x, act, (c.intermediate_size,), ("mlp", "embed"), "down_proj")
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), layer_cache
 
 

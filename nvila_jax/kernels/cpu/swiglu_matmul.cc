@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "aligned_vector.h"
 #include "parallel.h"
 #include "vector_exp.h"
 #include "vector_lanes.h"
@@ -109,19 +110,18 @@ __attribute__((target("avx512f"))) void Item(const float* x, const float* wg, co
   static constexpr auto kTiles = TileTable(std::make_integer_sequence<int, kTileRows>());
   const int64_t cols = c1 - c0, panels = (cols + kHalf - 1) / kHalf, rows = m1 - m0;
   const int64_t blocks = (k + kDepth - 1) / kDepth, depth_max = (k + blocks - 1) / blocks;
-  // Per-thread buffers, reused across items and calls (fresh ones would cost page faults every call).
-  thread_local std::vector<float> packed, partial;
-  packed.resize(panels * depth_max * kPanel + kHalf);
-  const uintptr_t misaligned = reinterpret_cast<uintptr_t>(packed.data()) % 64;  // panel rows start on a line
-  float* panel_block = packed.data() + (misaligned ? (64 - misaligned) / sizeof(float) : 0);
+  // Per-thread buffers, reused across items and calls (fresh ones would cost page faults every call); panel
+  // rows and partial-sum rows start on a cache line.
+  thread_local nvila::LineAlignedVector<float> packed, partial;
+  packed.resize(panels * depth_max * kPanel);
   if (blocks > 1) partial.resize(rows * panels * kPanel);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t k0 = b * depth_max, depth = std::min(depth_max, k - k0);
-    PackPanels(wg, wu, f, k0, depth, c0, cols, panel_block);
+    PackPanels(wg, wu, f, k0, depth, c0, cols, packed.data());
     for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
       const int64_t r = std::min<int64_t>(kTileRows, rows - r0);
       for (int64_t p = 0; p < panels; ++p) {
-        kTiles[r - 1](x + (m0 + r0) * k + k0, k, panel_block + p * depth * kPanel, depth,
+        kTiles[r - 1](x + (m0 + r0) * k + k0, k, packed.data() + p * depth * kPanel, depth,
                       partial.data() + (r0 * panels + p * r) * kPanel, b == 0, b == blocks - 1,
                       out + (m0 + r0) * f + c0 + p * kHalf, f, std::min(kHalf, cols - p * kHalf));
       }

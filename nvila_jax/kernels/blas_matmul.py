@@ -5,8 +5,9 @@ XLA's CPU GEMM (YNNPACK) runs the prefill and vision-encoder products at 250-300
 scipy-openblas32 (OpenBLAS as packaged for numpy/SciPy; a copy of its own, apart from numpy's) single-threaded
 in each thread of XLA's intra-op pool, on a block of rows or columns each, so no second thread pool competes
 for the cores. `blas_matmul(x, w, add=r)` is r + x @ w with the sum done by the GEMM itself (a residual
-stream's update: no separate pass over the [M, N] arrays). It is compiled on first use and registered with XLA by `cpu_library`; without a compiler, or
-scipy-openblas32, or on another backend `available()` is False (logged once) and callers use XLA's dot.
+stream's update: no separate pass over the [M, N] arrays). It is compiled on first use and registered with
+XLA by `cpu_library`; without a compiler, or scipy-openblas32, or on another backend `available()` is False
+(logged once) and callers use XLA's dot.
 """
 
 from __future__ import annotations

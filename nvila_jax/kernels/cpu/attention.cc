@@ -138,7 +138,9 @@ constexpr ChunkPVFn kChunkPV[8] = {ChunkPV<1, Tail>, ChunkPV<2, Tail>, ChunkPV<3
                                    ChunkPV<5, Tail>, ChunkPV<6, Tail>, ChunkPV<7, Tail>, ChunkPV<8, Tail>};
 
 // The PV routine for head size d (1 to 128).
-inline ChunkPVFn ChunkPVFor(int64_t d) { return d % 16 ? kChunkPV<true>[(d + 15) / 16 - 1] : kChunkPV<false>[d / 16 - 1]; }
+inline ChunkPVFn ChunkPVFor(int64_t d) {
+  return d % 16 ? kChunkPV<true>[(d + 15) / 16 - 1] : kChunkPV<false>[d / 16 - 1];
+}
 
 // Online-softmax update of one row over a key block: s (logits, nk_pad wide) becomes the row's unnormalised
 // probabilities; `visible` holds one 16-key mask per vector, or is null when every key is visible. Returns

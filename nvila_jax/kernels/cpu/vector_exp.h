@@ -1,4 +1,4 @@
-// exp and exp2 of float32 vectors for the AVX-512 kernels (the SwiGLU product's sigmoid, attention's softmax).
+// exp of float32 vectors for the AVX-512 kernels (attention's softmax, the SwiGLU product's sigmoid).
 #pragma once
 
 #include <immintrin.h>
@@ -20,23 +20,6 @@ __attribute__((target("avx512f"))) inline __m512 ExpNonPositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// 2^t for t <= 0 (Cephes exp2f: t = n + f, |f| <= 1/2, degree-6 polynomial for 2^f, then scaled by 2^n);
-// ~2 ulp; arguments below -126 are clamped there. Cheaper than ExpNonPositive by its range reduction (4 of
-// its 15 operations) where the caller can fold log2(e) into a scale it applies anyway (the softmax's).
-__attribute__((target("avx512f"))) inline __m512 Exp2NonPositive(__m512 t) {
-  t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
 

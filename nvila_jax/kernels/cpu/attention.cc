@@ -85,6 +85,16 @@ __attribute__((target("avx512f"))) inline __m512 RowVector(const float* a, int i
   return Tail && i == NV - 1 ? _mm512_maskz_loadu_ps(last, a) : _mm512_loadu_ps(a);
 }
 
+// Stores vector i of the NV over a row of values the same way (RowVector's counterpart).
+template <int NV, bool Tail>
+__attribute__((target("avx512f"))) inline void StoreRowVector(float* a, int i, __mmask16 last, __m512 v) {
+  if (Tail && i == NV - 1) {
+    _mm512_mask_storeu_ps(a, last, v);
+  } else {
+    _mm512_storeu_ps(a, v);
+  }
+}
+
 // o[r] = o[r] * corr[r] + p[r][0:nk] @ v[0:nk] for R rows of NV vectors (d <= 16 NV); v holds nk contiguous
 // rows of d values. Only a partial last vector (Tail: d not a multiple of 16) is loaded and stored under a
 // mask: masked loads in the key loop made the whole kernel ~10% slower on the project's AVX-512 VM.
@@ -111,16 +121,9 @@ __attribute__((target("avx512f"))) void AccumulatePV(const float* p, int64_t ldp
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) {
-      if (Tail && i == NV - 1) {
-        _mm512_mask_storeu_ps(o + r * d + 16 * i, last, acc[r][i]);
-      } else {
-        _mm512_storeu_ps(o + r * d + 16 * i, acc[r][i]);
-      }
-    }
-  }
+    for (int i = 0; i < NV; ++i) StoreRowVector<NV, Tail>(o + r * d + 16 * i, i, last, acc[r][i]);
 }
 
 // The kChunk rows of a chunk through AccumulatePV in groups that fit the 24-accumulator register budget.
